@@ -1,0 +1,383 @@
+//! The three programs and their maps. Connect programs decide with two
+//! verdicts: [`ALLOW`] lets the connect go on, [`REFUSE`] makes it fail with
+//! EPERM.
+
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xsub},
+    ptr,
+};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    btf_maps::{Array, HashMap, LpmTrie, RingBuf, SkStorage},
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_sk_storage_get},
+    macros::{btf_map, cgroup_sock, cgroup_sock_addr},
+    maps::lpm_trie::Key,
+    programs::{SockAddrContext, SockContext},
+};
+use qthrottle_common::{
+    Address, COUNTED_ADDRESS, COUNTED_GROUP, COUNTED_NONE, Counters, DEFAULT_SLOT, Destination,
+    FLAG_FAIL_CLOSED, GroupSlot, RECLAIMED, RefusalEvent, STAT_COUNT, STAT_EVENTS_LOST,
+    STAT_MAP_FULL, STAT_RECLAIM_RACE, STAT_RETARGETED, Settings, SocketSlot, ipv4_mapped,
+};
+
+/// Let the connect proceed.
+const ALLOW: i32 = 1;
+/// Refuse the connect: the caller gets EPERM.
+const REFUSE: i32 = 0;
+
+const SOCK_STREAM: u32 = 1;
+
+// Sizes here are defaults; the daemon sets the real ones from its
+// configuration when it loads the object. Every map is pinned by name so a
+// restarted daemon, and programs that replace these, keep the same state.
+#[btf_map(pin_by_name)]
+static QT_DESTINATIONS: LpmTrie<Address, Destination, 65536> = LpmTrie::new();
+#[btf_map(pin_by_name)]
+static QT_GROUPS: Array<GroupSlot, 4096> = Array::new();
+#[btf_map(pin_by_name)]
+static QT_GROUP_COUNTERS: Array<Counters, 4096> = Array::new();
+#[btf_map(pin_by_name)]
+static QT_ADDRESS_COUNTERS: HashMap<Address, Counters, 65536> = HashMap::new();
+#[btf_map(pin_by_name)]
+static QT_SETTINGS: Array<Settings, 1> = Array::new();
+#[btf_map(pin_by_name)]
+static QT_PORTS: Array<u64, 1024> = Array::new();
+#[btf_map(pin_by_name)]
+static QT_STATS: Array<u64, { STAT_COUNT as usize }> = Array::new();
+#[btf_map(pin_by_name)]
+static QT_SOCKETS: SkStorage<SocketSlot> = SkStorage::new();
+#[btf_map(pin_by_name)]
+static QT_EVENTS: RingBuf<RefusalEvent, 65536> = RingBuf::new();
+
+#[cgroup_sock_addr(connect4)]
+pub fn qthrottle_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    if !port_limited(port) {
+        return ALLOW;
+    }
+    // user_ip4 holds the address in network order: its bytes in memory are the octets.
+    account(&ctx, &ipv4_mapped(sa.user_ip4.to_ne_bytes()), port)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn qthrottle_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return ALLOW;
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    if !port_limited(port) {
+        return ALLOW;
+    }
+    // The verifier only allows 4-byte reads of user_ip6. An IPv4-mapped
+    // address needs no special case: IPv4 is keyed in its mapped form.
+    let mut addr = [0u8; 16];
+    for (i, word) in [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]]
+        .iter()
+        .enumerate()
+    {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    account(&ctx, &addr, port)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn qthrottle_release(ctx: SockContext) -> i32 {
+    // The typed SkStorage API only takes a sock_addr context; for cgroup_sock
+    // programs the helper takes the context itself as the socket.
+    // SAFETY: QT_SOCKETS is a socket storage map and ctx.sock is this program's
+    // context, which is what the helper's cgroup_sock variant expects.
+    let slot = unsafe {
+        bpf_sk_storage_get(map_ptr(&*QT_SOCKETS), ctx.sock.cast(), ptr::null_mut(), 0)
+    }
+    .cast::<SocketSlot>();
+    if !slot.is_null() {
+        // SAFETY: non-null storage of this socket, exclusively ours while it is released.
+        give_back(unsafe { &mut *slot });
+    }
+    ALLOW
+}
+
+/// What a destination is counted in: a group slot, or its own per-address counter.
+#[derive(Clone, Copy)]
+struct Target {
+    kind: u32,
+    slot: u32,
+}
+
+/// The outcome of trying to take a slot.
+enum Take {
+    Taken,
+    Refused { slot: u32, open: u64, limit: u32 },
+    /// A map was full or contended: the configured failure mode decides.
+    Uncountable,
+}
+
+#[inline(always)]
+fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
+    let target = match QT_DESTINATIONS.get(&Key::new(128, *addr)) {
+        Some(dest) => Target { kind: COUNTED_GROUP, slot: dest.slot },
+        None => Target { kind: COUNTED_ADDRESS, slot: DEFAULT_SLOT },
+    };
+    let existing = QT_SOCKETS.get_ptr_mut(ctx);
+    if !existing.is_null() {
+        // SAFETY: non-null storage of the socket being connected; the socket
+        // lock is held during connect.
+        let counted = unsafe { &mut *existing };
+        if counted.kind != COUNTED_NONE {
+            if counted.kind == target.kind && counted.slot == target.slot && counted.addr == *addr {
+                // connect() retried on a socket that already holds its slot.
+                return ALLOW;
+            }
+            // Retried toward another destination: the old slot goes back first.
+            give_back(counted);
+            stat(STAT_RETARGETED);
+        }
+    }
+    let take = if target.kind == COUNTED_GROUP {
+        take_group_slot(target.slot)
+    } else {
+        take_address_slot(addr)
+    };
+    match take {
+        Take::Taken => record(ctx, existing, target, addr),
+        Take::Refused { slot, open, limit } => {
+            report_refusal(addr, port, slot, open, limit);
+            REFUSE
+        }
+        Take::Uncountable => uncountable(),
+    }
+}
+
+/// Notes in the socket's storage which counter it holds a slot in.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, existing: *mut SocketSlot, target: Target, addr: &Address) -> i32 {
+    let mut value = SocketSlot { kind: target.kind, slot: target.slot, addr: *addr };
+    if !existing.is_null() {
+        // SAFETY: as in account().
+        unsafe { *existing = value };
+        return ALLOW;
+    }
+    // Storage is created only for sockets that are counted: most of the cost
+    // of a counted connect is this allocation, and refused sockets skip it.
+    if QT_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut value)).is_null() {
+        give_back(&mut value);
+        stat(STAT_MAP_FULL);
+        return uncountable();
+    }
+    ALLOW
+}
+
+/// Gives a socket's slot back to the counter it was counted in, once.
+#[inline(always)]
+fn give_back(counted: &mut SocketSlot) {
+    if counted.kind == COUNTED_GROUP {
+        if let Some(c) = QT_GROUP_COUNTERS.get_ptr_mut(counted.slot) {
+            // SAFETY: array values are stable; the field is only changed atomically.
+            unsafe { sub(&raw mut (*c).open, 1) };
+        }
+    } else if counted.kind == COUNTED_ADDRESS {
+        release_address(&counted.addr);
+    }
+    counted.kind = COUNTED_NONE;
+}
+
+#[inline(always)]
+fn take_group_slot(slot: u32) -> Take {
+    let (Some(group), Some(c)) = (QT_GROUPS.get(slot), QT_GROUP_COUNTERS.get_ptr_mut(slot)) else {
+        return Take::Uncountable;
+    };
+    // SAFETY: array values are stable; every field is changed atomically.
+    unsafe { take(c, group.limit, slot) }
+}
+
+/// Increments `open`, then rolls back when that went over the limit, so the
+/// number of counted sockets never exceeds the limit however many CPUs race.
+///
+/// # Safety
+/// `c` must point at a live map value.
+#[inline(always)]
+unsafe fn take(c: *mut Counters, limit: u32, slot: u32) -> Take {
+    // SAFETY: the caller guarantees `c` is live.
+    unsafe {
+        let open = add(&raw mut (*c).open, 1);
+        if open >= u64::from(limit) {
+            sub(&raw mut (*c).open, 1);
+            add(&raw mut (*c).refused, 1);
+            return Take::Refused { slot, open, limit };
+        }
+        add(&raw mut (*c).allowed, 1);
+    }
+    Take::Taken
+}
+
+/// Per-address counters for destinations in no group. A counter is created on
+/// first use and deleted by the release that brings it back to zero; see
+/// [`release_address`] for how the two never race.
+#[inline(always)]
+fn take_address_slot(addr: &Address) -> Take {
+    let Some(settings) = QT_SETTINGS.get(0) else {
+        return Take::Uncountable;
+    };
+    let limit = settings.default_limit;
+    // Three tries: the counter found may be in the middle of being reclaimed.
+    for _ in 0..3 {
+        let Some(c) = QT_ADDRESS_COUNTERS.get_ptr_mut(addr) else {
+            let fresh = Counters::default();
+            if let Err(err) = QT_ADDRESS_COUNTERS.insert(addr, &fresh, BPF_NOEXIST.into()) {
+                // -EEXIST: another CPU created it first, which is fine.
+                if err != -17 {
+                    stat(STAT_MAP_FULL);
+                    return Take::Uncountable;
+                }
+            }
+            continue;
+        };
+        // SAFETY: hash values stay valid for the program run (RCU); the field
+        // is only changed atomically.
+        let open = unsafe { add(&raw mut (*c).open, 1) };
+        if open >= RECLAIMED {
+            // Being deleted: our increment lands on a dead counter and is lost
+            // with it, which is what we want. Look again.
+            continue;
+        }
+        let take = if open >= u64::from(limit) {
+            // SAFETY: as above.
+            unsafe { sub(&raw mut (*c).open, 1) };
+            Take::Refused { slot: DEFAULT_SLOT, open, limit }
+        } else {
+            Take::Taken
+        };
+        count_default(&take);
+        return take;
+    }
+    stat(STAT_RECLAIM_RACE);
+    Take::Uncountable
+}
+
+/// Keeps the default slot's counters as the sum over per-address counters.
+#[inline(always)]
+fn count_default(take: &Take) {
+    let Some(c) = QT_GROUP_COUNTERS.get_ptr_mut(DEFAULT_SLOT) else {
+        return;
+    };
+    // SAFETY: array values are stable; fields are only changed atomically.
+    unsafe {
+        match take {
+            Take::Taken => {
+                add(&raw mut (*c).open, 1);
+                add(&raw mut (*c).allowed, 1);
+            }
+            Take::Refused { .. } => {
+                add(&raw mut (*c).refused, 1);
+            }
+            Take::Uncountable => {}
+        }
+    }
+}
+
+/// The release that takes a per-address counter to zero marks it
+/// [`RECLAIMED`] with a compare-and-swap and then deletes it. A connect that
+/// increments a marked counter sees the mark and looks again, so a count is
+/// never made on a counter that is about to vanish; and since only the marker
+/// deletes, and inserts never replace, the delete removes that very counter.
+#[inline(always)]
+fn release_address(addr: &Address) {
+    if let Some(c) = QT_GROUP_COUNTERS.get_ptr_mut(DEFAULT_SLOT) {
+        // SAFETY: array values are stable; fields are only changed atomically.
+        unsafe { sub(&raw mut (*c).open, 1) };
+    }
+    let Some(c) = QT_ADDRESS_COUNTERS.get_ptr_mut(addr) else {
+        // Cannot happen while this socket holds a slot in it; counted for visibility.
+        stat(STAT_RECLAIM_RACE);
+        return;
+    };
+    // SAFETY: hash values stay valid for the program run; atomics only.
+    unsafe {
+        if sub(&raw mut (*c).open, 1) == 1 && cas(&raw mut (*c).open, 0, RECLAIMED) {
+            let _ = QT_ADDRESS_COUNTERS.remove(addr);
+        }
+    }
+}
+
+#[inline(always)]
+fn report_refusal(addr: &Address, port: u16, slot: u32, open: u64, limit: u32) {
+    let event = RefusalEvent {
+        addr: *addr,
+        port,
+        slot,
+        open: open as u32,
+        limit,
+        // SAFETY: helper without arguments, allowed in cgroup programs.
+        pid: (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32,
+        ..RefusalEvent::default()
+    };
+    if QT_EVENTS.output(&event, 0).is_err() {
+        stat(STAT_EVENTS_LOST);
+    }
+}
+
+#[inline(always)]
+fn uncountable() -> i32 {
+    match QT_SETTINGS.get(0) {
+        Some(s) if s.flags & FLAG_FAIL_CLOSED != 0 => REFUSE,
+        _ => ALLOW,
+    }
+}
+
+#[inline(always)]
+fn port_limited(port: u16) -> bool {
+    QT_PORTS.get(u32::from(port >> 6)).is_some_and(|word| (*word >> (port & 63)) & 1 == 1)
+}
+
+#[inline(always)]
+fn stat(index: u32) {
+    if let Some(c) = QT_STATS.get_ptr_mut(index) {
+        // SAFETY: array values are stable; atomics only.
+        unsafe { add(c, 1) };
+    }
+}
+
+#[inline(always)]
+fn map_ptr<T>(map: &T) -> *mut c_void {
+    ptr::from_ref(map).cast_mut().cast()
+}
+
+// SeqCst on purpose: with Relaxed, LLVM emits a BPF add that does not fetch
+// the old value even when it is used, and the limit silently stops holding.
+// The kernel test `limit_holds_under_contention` catches that miscompile.
+
+/// Atomic add returning the previous value.
+///
+/// # Safety
+/// `p` must point at a live, aligned u64 in a map value.
+#[inline(always)]
+unsafe fn add(p: *mut u64, v: u64) -> u64 {
+    // SAFETY: forwarded to the caller.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) }
+}
+
+/// Atomic subtract returning the previous value. Same safety as [`add`].
+#[inline(always)]
+unsafe fn sub(p: *mut u64, v: u64) -> u64 {
+    // SAFETY: forwarded to the caller.
+    unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::SeqCst }>(p, v) }
+}
+
+/// Atomic compare-and-swap; true when `p` held `old` and now holds `new`.
+/// Same safety as [`add`].
+#[inline(always)]
+unsafe fn cas(p: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new).1
+    }
+}

@@ -1,0 +1,103 @@
+//! The daemon's state file (`<state_dir>/state.json`): what `qthrottle
+//! status` shows beside the kernel's counters — each group's domains with
+//! their addresses, its conflicts and the spawner's deliveries — and the
+//! domains learned from deliveries, which a restarted daemon places again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use super::groups::{Destinations, Learned, Name};
+use crate::{control::GroupDeliveries, plan::Plan};
+
+/// One group as the state file records it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GroupState {
+    pub limit: u32,
+    /// Domain → the addresses it resolved to.
+    pub domains: BTreeMap<String, BTreeSet<IpAddr>>,
+    pub conflicts: Vec<String>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    pub groups: BTreeMap<String, GroupState>,
+    pub deliveries: BTreeMap<String, GroupDeliveries>,
+    pub learned: BTreeMap<String, Learned>,
+}
+
+const FILE: &str = "state.json";
+
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE)
+}
+
+impl State {
+    pub fn build(
+        dest: &Destinations,
+        plan: &Plan,
+        limits: &BTreeMap<String, u32>,
+        deliveries: &BTreeMap<String, GroupDeliveries>,
+    ) -> Self {
+        let mut groups: BTreeMap<String, GroupState> = limits
+            .iter()
+            .map(|(name, limit)| (name.clone(), GroupState { limit: *limit, ..GroupState::default() }))
+            .collect();
+        for (name, p) in &plan.groups {
+            if let Some(g) = groups.get_mut(name) {
+                g.conflicts = p.conflicts.clone();
+            }
+        }
+        for (name, domain) in dest.names.iter().filter_map(|(n, d)| match n {
+            Name::Mail(domain) => Some((domain, d)),
+            Name::Relay(_) => None,
+        }) {
+            let addrs = domain.hosts.as_ref().map(|h| h.addresses.clone()).unwrap_or_default();
+            let group = addrs.iter().next().and_then(|a| super::group_of(plan, *a));
+            if let Some(g) = group.and_then(|g| groups.get_mut(&g)) {
+                g.domains.insert(name.clone(), addrs);
+            }
+        }
+        Self { groups, deliveries: deliveries.clone(), learned: dest.learned.clone() }
+    }
+
+    /// Writes the file atomically (temporary file, then rename).
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+        let tmp = dir.join(format!(".{FILE}.tmp"));
+        let text = serde_json::to_vec_pretty(self).context("failed to encode state")?;
+        let mut file = std::fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
+        file.write_all(&text).with_context(|| format!("failed to write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path(dir)).with_context(|| format!("failed to replace {}", path(dir).display()))
+    }
+
+    /// Reads the file; `None` when there is none.
+    pub fn read(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let file = path(dir);
+        match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("failed to parse {}", file.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("failed to read {}", file.display())),
+        }
+    }
+}
+
+/// The learned domains of an earlier run (empty when there is no state).
+pub fn read_learned(dir: &Path) -> BTreeMap<String, Learned> {
+    match State::read(dir) {
+        Ok(state) => state.map(|s| s.learned).unwrap_or_default(),
+        Err(err) => {
+            tracing::warn!("ignoring the state file: {err:#}");
+            BTreeMap::new()
+        }
+    }
+}
