@@ -16,7 +16,8 @@ pub const MAP_SETTINGS: &str = "QT_SETTINGS";
 pub const MAP_PORTS: &str = "QT_PORTS";
 /// Array of `u64` event counters, indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "QT_STATS";
-/// Socket-local storage holding a [`SocketSlot`] for every counted socket.
+/// Array of [`SocketSlot`], an open-addressing table keyed by socket cookie,
+/// holding the counter of every counted socket. Its size is a power of two.
 pub const MAP_SOCKETS: &str = "QT_SOCKETS";
 /// Ring buffer of [`RefusalEvent`].
 pub const MAP_EVENTS: &str = "QT_EVENTS";
@@ -45,6 +46,9 @@ pub const SLOT_FREE: u32 = 0;
 pub const SLOT_ACTIVE: u32 = 1;
 /// Removed from the configuration; kept until its open count drains to zero.
 pub const SLOT_DRAINING: u32 = 2;
+
+/// How many consecutive entries of [`MAP_SOCKETS`] a socket may probe.
+pub const SOCKET_PROBES: u32 = 8;
 
 /// Indices into [`MAP_STATS`].
 pub const STAT_MAP_FULL: u32 = 0;
@@ -99,6 +103,9 @@ pub struct Settings {
     /// Limit per destination address for addresses in no group.
     pub default_limit: u32,
     pub flags: u32,
+    /// Entries of [`MAP_SOCKETS`] minus one.
+    pub socket_mask: u32,
+    pub _pad: u32,
 }
 
 /// Value of [`MAP_SOCKETS`]: the counter a socket was counted in, so that its
@@ -106,6 +113,8 @@ pub struct Settings {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketSlot {
+    /// Socket cookie of the owner; 0 when the entry is free.
+    pub cookie: u64,
     pub kind: u32,
     pub slot: u32,
     pub addr: [u8; 16],
@@ -161,7 +170,8 @@ mod tests {
     fn abi_sizes_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<GroupSlot>(), 8 + NAME_LEN);
         assert_eq!(core::mem::size_of::<Counters>(), 24);
-        assert_eq!(core::mem::size_of::<SocketSlot>(), 24);
+        assert_eq!(core::mem::size_of::<SocketSlot>(), 32);
+        assert_eq!(core::mem::size_of::<Settings>(), 16);
         assert_eq!(core::mem::size_of::<RefusalEvent>(), 40);
     }
 

@@ -39,6 +39,8 @@ pub const DEFAULT_STATE_DIR: &str = "/run/qthrottle";
 pub const DEFAULT_MAX_GROUPS: u32 = 4096;
 pub const DEFAULT_MAX_DESTINATIONS: u32 = 65536;
 pub const DEFAULT_MAX_ADDRESSES: u32 = 65536;
+/// Default size of the kernel's table of counted connections.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 65536;
 pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(86_400);
 pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,6 +81,8 @@ pub struct Config {
     pub max_destinations: u32,
     /// Size of the kernel's per-address counters for destinations in no group.
     pub max_addresses: u32,
+    /// Size of the kernel's table of counted open connections.
+    pub max_connections: u32,
     pub dns: DnsConfig,
     pub rspawn: RspawnConfig,
     /// Groups in file order.
@@ -173,6 +177,7 @@ impl Default for Config {
             max_groups: DEFAULT_MAX_GROUPS,
             max_destinations: DEFAULT_MAX_DESTINATIONS,
             max_addresses: DEFAULT_MAX_ADDRESSES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             dns: DnsConfig::default(),
             rspawn: RspawnConfig::default(),
             groups: Vec::new(),

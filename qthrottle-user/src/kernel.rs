@@ -25,7 +25,7 @@ use aya::{
 };
 use qthrottle_common::{
     Address, Counters, Destination, GroupSlot, MAP_ADDRESS_COUNTERS, MAP_DESTINATIONS, MAP_EVENTS,
-    MAP_GROUP_COUNTERS, MAP_GROUPS, MAP_PORTS, MAP_SETTINGS, MAP_STATS, PROG_CONNECT4,
+    MAP_GROUP_COUNTERS, MAP_GROUPS, MAP_PORTS, MAP_SETTINGS, MAP_SOCKETS, MAP_STATS, PROG_CONNECT4,
     PROG_CONNECT6, PROG_RELEASE, Settings,
 };
 
@@ -45,6 +45,7 @@ pub struct Sizes {
     pub groups: u32,
     pub destinations: u32,
     pub addresses: u32,
+    pub connections: u32,
 }
 
 /// Typed handles on the maps the daemon and the CLI read and write.
@@ -112,6 +113,7 @@ fn pinned_sizes(pin_dir: &Path) -> Option<Sizes> {
         groups: size(MAP_GROUPS)?,
         destinations: size(MAP_DESTINATIONS)?,
         addresses: size(MAP_ADDRESS_COUNTERS)?,
+        connections: size(MAP_SOCKETS)?,
     })
 }
 
@@ -125,6 +127,8 @@ pub fn load(pin_dir: &Path, cgroup_dir: &Path, wanted: Sizes) -> anyhow::Result<
     }
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("failed to create pin directory {}", pin_dir.display()))?;
+    // The socket table is probed with a mask: its size is a power of two.
+    let wanted = Sizes { connections: wanted.connections.next_power_of_two(), ..wanted };
     let sizes = pinned_sizes(pin_dir).unwrap_or(wanted);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
@@ -132,6 +136,7 @@ pub fn load(pin_dir: &Path, cgroup_dir: &Path, wanted: Sizes) -> anyhow::Result<
         .map_max_entries(MAP_GROUP_COUNTERS, sizes.groups)
         .map_max_entries(MAP_DESTINATIONS, sizes.destinations)
         .map_max_entries(MAP_ADDRESS_COUNTERS, sizes.addresses)
+        .map_max_entries(MAP_SOCKETS, sizes.connections)
         .load(OBJECT)
         .context("failed to load the eBPF programs")?;
     let cgroup = File::open(cgroup_dir)

@@ -43,6 +43,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Show the kernel's run-time statistics of each program instead
+        /// (average cost per call; needs `sysctl kernel.bpf_stats_enabled=1`).
+        #[arg(long)]
+        programs: bool,
         #[command(flatten)]
         config: ConfigArg,
     },
@@ -147,7 +151,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             let (path, explicit) = config::resolve_path(c.config.as_deref());
             daemon::run(path, explicit)
         }
-        Command::Status { json, config } => show_status(&load(&config)?, json),
+        Command::Status { json, programs: true, config } => show_programs(&load(&config)?, json),
+        Command::Status { json, programs: false, config } => show_status(&load(&config)?, json),
         Command::Limit(cmd) => limit(cmd),
         Command::Exec { config, command } => exec(&load(&config)?, &command),
         Command::Attach { pid, config } => {
@@ -179,6 +184,20 @@ fn show_status(config: &Config, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows).context("failed to encode status")?);
     } else {
         print!("{}", status::render(&rows, &events));
+    }
+    Ok(())
+}
+
+fn show_programs(config: &Config, json: bool) -> anyhow::Result<()> {
+    let stats = kernel::program_stats(&config.pin_path)?;
+    for s in &stats {
+        let ns = s.run_time.as_nanos() as u64;
+        let avg = if s.run_count == 0 { 0 } else { ns / s.run_count };
+        if json {
+            println!(r#"{{"program":"{}","run_time_ns":{ns},"run_count":{},"avg_ns":{avg}}}"#, s.name, s.run_count);
+        } else {
+            println!("{:<20} runs={:<12} total={}ns avg={}ns", s.name, s.run_count, ns, avg);
+        }
     }
     Ok(())
 }

@@ -27,6 +27,8 @@ pub struct Globals {
     pub ports: Vec<u16>,
     pub default_limit: u32,
     pub map_full: MapFull,
+    /// Entries of the kernel's socket table minus one.
+    pub socket_mask: u32,
 }
 
 /// Group name ↔ slot, mirrored from the kernel's group table.
@@ -217,7 +219,13 @@ fn full(err: MapError) -> anyhow::Error {
 
 fn write_globals(maps: &mut Maps, globals: &Globals) -> anyhow::Result<()> {
     let flags = if globals.map_full == MapFull::Closed { FLAG_FAIL_CLOSED } else { 0 };
-    maps.settings.set(0, &Settings { default_limit: globals.default_limit, flags }, 0)
+    let settings = Settings {
+        default_limit: globals.default_limit,
+        flags,
+        socket_mask: globals.socket_mask,
+        _pad: 0,
+    };
+    maps.settings.set(0, &settings, 0)
         .context("failed to write settings")?;
     maps.groups.set(DEFAULT_SLOT, &group_slot(DEFAULT_NAME, globals.default_limit, SLOT_ACTIVE), 0)
         .context("failed to write the default group")?;

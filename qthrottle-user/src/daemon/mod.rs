@@ -17,7 +17,6 @@ use std::{
 
 use anyhow::Context as _;
 use tokio::{
-    io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
     task::JoinSet,
@@ -64,6 +63,7 @@ struct Daemon {
     resolved: mpsc::Sender<Resolved>,
     logged: BTreeMap<String, String>,
     state_dirty: bool,
+    socket_mask: u32,
 }
 
 async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
@@ -97,11 +97,12 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
         resolved: resolved_tx,
         logged: BTreeMap::new(),
         state_dirty: true,
+        socket_mask: loaded.sizes.connections - 1,
     };
-    // SAFETY: the ring buffer owns its descriptor and keeps it open, unchanged,
-    // for as long as the AsyncFd that owns the ring buffer lives.
-    let mut events = unsafe { AsyncFd::register(loaded.events) }
-        .context("failed to watch the event ring buffer")?;
+    // The programs write refusal events without waking anyone (a wakeup per
+    // refusal is costly in the connect path); they are read on this timer.
+    let mut events = loaded.events;
+    let mut drain = tokio::time::interval(Duration::from_millis(250));
     daemon.resolve_now(daemon.dest.wanted(&daemon.config)).await;
     daemon.apply().context("failed to fill the kernel maps")?;
     let listener = socket::bind(&daemon.config.socket, daemon.config.socket_group.as_deref())?;
@@ -120,11 +121,7 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
             _ = interrupt.recv() => break,
             Some((request, reply)) = calls.recv() => daemon.handle(request, reply).await,
             Some((name, result)) = resolved_rx.recv() => daemon.resolved(name, result),
-            ready = events.readable_mut() => {
-                let mut guard = ready.context("failed to wait for refusal events")?;
-                refusals.drain(guard.get_inner_mut(), |slot| daemon.slots.name(slot));
-                guard.clear_ready();
-            }
+            _ = drain.tick() => refusals.drain(&mut events, |slot| daemon.slots.name(slot)),
             _ = tick.tick() => daemon.tick(),
         }
     }
@@ -134,7 +131,12 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
 }
 
 fn sizes(config: &Config) -> Sizes {
-    Sizes { groups: config.max_groups, destinations: config.max_destinations, addresses: config.max_addresses }
+    Sizes {
+        groups: config.max_groups,
+        destinations: config.max_destinations,
+        addresses: config.max_addresses,
+        connections: config.max_connections,
+    }
 }
 
 impl Daemon {
@@ -250,6 +252,7 @@ impl Daemon {
             ports: self.config.ports.clone(),
             default_limit: self.config.default_limit,
             map_full: self.config.map_full,
+            socket_mask: self.socket_mask,
         };
         let changes = self.slots.apply(&mut self.maps, &globals, &limits, &plan)?;
         for name in &changes.retired {
