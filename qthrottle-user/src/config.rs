@@ -306,3 +306,27 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
 pub fn list_groups(path: &Path, explicit: bool) -> Result<Vec<GroupConfig>, ConfigError> {
     load(path, explicit).map(|config| config.groups)
 }
+
+/// The built-in default with the path settings (`cgroup`, `pin_path`,
+/// `socket`, `state_dir`) taken from `path` wherever they are readable, for
+/// commands that must work while the file has errors elsewhere.
+pub fn paths_of(path: &Path) -> Config {
+    let mut config = Config::default();
+    let Some(table) = std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()) else {
+        return config;
+    };
+    let text = |key: &str| table.get(key).and_then(toml::Value::as_str).map(str::to_owned);
+    if let Some(cgroup) = text("cgroup") {
+        config.cgroup = cgroup;
+    }
+    for (key, slot) in [
+        ("pin_path", &mut config.pin_path),
+        ("socket", &mut config.socket),
+        ("state_dir", &mut config.state_dir),
+    ] {
+        if let Some(value) = text(key).filter(|v| v.starts_with('/')) {
+            *slot = PathBuf::from(value);
+        }
+    }
+    config
+}

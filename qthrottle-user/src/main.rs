@@ -151,17 +151,17 @@ fn run(command: Command) -> anyhow::Result<()> {
             let (path, explicit) = config::resolve_path(c.config.as_deref());
             daemon::run(path, explicit)
         }
-        Command::Status { json, programs: true, config } => show_programs(&load(&config)?, json),
-        Command::Status { json, programs: false, config } => show_status(&load(&config)?, json),
+        Command::Status { json, programs: true, config } => show_programs(&paths(&config)?, json),
+        Command::Status { json, programs: false, config } => show_status(&paths(&config)?, json),
         Command::Limit(cmd) => limit(cmd),
-        Command::Exec { config, command } => exec(&load(&config)?, &command),
+        Command::Exec { config, command } => exec(&paths(&config)?, &command),
         Command::Attach { pid, config } => {
-            let dir = cgroup::resolve(&load(&config)?.cgroup)?;
+            let dir = cgroup::resolve(&paths(&config)?.cgroup)?;
             cgroup::attach(&dir, pid)?;
             println!("moved process {pid} into {}", dir.display());
             Ok(())
         }
-        Command::Unload(c) => unload(&load(&c)?),
+        Command::Unload(c) => unload(&paths(&c)?),
         Command::Rspawn => unreachable!("dispatched before logging starts"),
     }
 }
@@ -169,6 +169,22 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn load(arg: &ConfigArg) -> anyhow::Result<Config> {
     let (path, explicit) = config::resolve_path(arg.config.as_deref());
     Ok(config::load(&path, explicit)?)
+}
+
+/// The configuration for commands that only need its paths (status, exec,
+/// attach, unload): they must keep working while the file has an error the
+/// running daemon refused, so they fall back to the paths it still names.
+fn paths(arg: &ConfigArg) -> anyhow::Result<Config> {
+    let (path, explicit) = config::resolve_path(arg.config.as_deref());
+    match config::load(&path, explicit) {
+        Ok(config) => Ok(config),
+        Err(err @ config::ConfigError::Invalid { .. }) => {
+            eprintln!("qthrottle: warning: {err}");
+            eprintln!("qthrottle: warning: using the paths that file names; the daemon keeps its last good configuration");
+            Ok(config::paths_of(&path))
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn require_root(what: &str) -> anyhow::Result<()> {

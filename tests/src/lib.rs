@@ -1,0 +1,8 @@
+//! Tests of qthrottle against the real kernel.
+
+pub mod daemon;
+pub mod dns;
+pub mod env;
+pub mod listener;
+pub mod probe;
+pub mod smtp;
