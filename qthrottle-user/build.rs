@@ -11,7 +11,7 @@ fn main() -> anyhow::Result<()> {
         // Userspace-only builds (unit tests of the configuration and the
         // spawner): embed an empty object; loading it fails with a clear error.
         let out = std::env::var("OUT_DIR").context("OUT_DIR not set")?;
-        std::fs::write(format!("{out}/qthrottle"), b"").context("failed to write placeholder")?;
+        std::fs::write(format!("{out}/qthrottle-ebpf"), b"").context("failed to write placeholder")?;
         return Ok(());
     }
     let toolchain = bpf_toolchain()?;

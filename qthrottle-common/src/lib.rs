@@ -8,7 +8,8 @@ pub const MAP_DESTINATIONS: &str = "QT_DESTINATIONS";
 pub const MAP_GROUPS: &str = "QT_GROUPS";
 /// Array of [`Counters`], written by the kernel, indexed by group slot.
 pub const MAP_GROUP_COUNTERS: &str = "QT_GROUP_COUNTERS";
-/// Hash of 16-byte address to [`Counters`] for destinations in no group.
+/// Array of `u64` open counts for destinations in no group, indexed by a hash
+/// of the address (see [`address_bucket`]). Its size is a power of two.
 pub const MAP_ADDRESS_COUNTERS: &str = "QT_ADDRESS_COUNTERS";
 /// One-entry array of [`Settings`].
 pub const MAP_SETTINGS: &str = "QT_SETTINGS";
@@ -33,10 +34,6 @@ pub const DEFAULT_SLOT: u32 = 0;
 /// Number of entries of [`MAP_PORTS`] (65536 ports / 64 bits).
 pub const PORT_WORDS: u32 = 1024;
 
-/// [`Counters::open`] of a per-address counter that is being reclaimed: a
-/// connect that sees it looks the address up again instead of counting.
-pub const RECLAIMED: u64 = 1 << 62;
-
 /// [`Settings::flags`]: refuse a connect that cannot be counted because a map
 /// is full (the default is to let it through uncounted).
 pub const FLAG_FAIL_CLOSED: u32 = 1;
@@ -52,10 +49,9 @@ pub const SOCKET_PROBES: u32 = 8;
 
 /// Indices into [`MAP_STATS`].
 pub const STAT_MAP_FULL: u32 = 0;
-pub const STAT_RECLAIM_RACE: u32 = 1;
-pub const STAT_EVENTS_LOST: u32 = 2;
-pub const STAT_RETARGETED: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+pub const STAT_EVENTS_LOST: u32 = 1;
+pub const STAT_RETARGETED: u32 = 2;
+pub const STAT_COUNT: u32 = 3;
 
 /// [`SocketSlot::kind`] values.
 pub const COUNTED_NONE: u32 = 0;
@@ -105,7 +101,8 @@ pub struct Settings {
     pub flags: u32,
     /// Entries of [`MAP_SOCKETS`] minus one.
     pub socket_mask: u32,
-    pub _pad: u32,
+    /// Entries of [`MAP_ADDRESS_COUNTERS`] minus one.
+    pub address_mask: u32,
 }
 
 /// Value of [`MAP_SOCKETS`]: the counter a socket was counted in, so that its
@@ -134,6 +131,22 @@ pub struct RefusalEvent {
     pub limit: u32,
     pub pid: u32,
     pub _pad2: u32,
+}
+
+/// The counter of an address in no group: a multiplicative hash of its four
+/// words, masked to the table size. Two addresses that share a bucket share
+/// its count, which can only refuse early, never let one more through.
+#[inline(always)]
+pub const fn address_bucket(addr: &Address, mask: u32) -> u32 {
+    let mut h: u32 = 0;
+    let mut i = 0;
+    while i < 4 {
+        let w = u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]]);
+        h = (h ^ w).wrapping_mul(0x9e37_79b1);
+        h ^= h >> 15;
+        i += 1;
+    }
+    h & mask
 }
 
 /// Key data of [`MAP_DESTINATIONS`]: a 16-byte address, IPv4 stored IPv4-mapped.
@@ -173,6 +186,23 @@ mod tests {
         assert_eq!(core::mem::size_of::<SocketSlot>(), 32);
         assert_eq!(core::mem::size_of::<Settings>(), 16);
         assert_eq!(core::mem::size_of::<RefusalEvent>(), 40);
+    }
+
+    #[test]
+    fn address_buckets_spread_and_stay_in_range() {
+        let mask = 65535;
+        let mut seen = [false; 65536];
+        let mut distinct = 0;
+        for i in 0..1000u32 {
+            let [a, b, c, d] = (0x0a00_0000 + i * 7).to_be_bytes();
+            let bucket = address_bucket(&ipv4_mapped([a, b, c, d]), mask) as usize;
+            if !seen[bucket] {
+                seen[bucket] = true;
+                distinct += 1;
+            }
+        }
+        // A good spread leaves few of 1,000 addresses sharing a bucket.
+        assert!(distinct > 980, "{distinct}");
     }
 
     #[test]

@@ -8,9 +8,8 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     bindings::BPF_RB_NO_WAKEUP,
-    btf_maps::{Array, HashMap, LpmTrie, RingBuf},
+    btf_maps::{Array, LpmTrie, RingBuf},
     helpers::generated::{bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
     maps::lpm_trie::Key,
@@ -18,9 +17,8 @@ use aya_ebpf::{
 };
 use qthrottle_common::{
     Address, COUNTED_ADDRESS, COUNTED_GROUP, COUNTED_NONE, Counters, DEFAULT_SLOT, Destination,
-    FLAG_FAIL_CLOSED, GroupSlot, RECLAIMED, RefusalEvent, STAT_COUNT, STAT_EVENTS_LOST,
-    SOCKET_PROBES, STAT_MAP_FULL, STAT_RECLAIM_RACE, STAT_RETARGETED, Settings, SocketSlot,
-    ipv4_mapped,
+    FLAG_FAIL_CLOSED, GroupSlot, RefusalEvent, SOCKET_PROBES, STAT_COUNT, STAT_EVENTS_LOST,
+    STAT_MAP_FULL, STAT_RETARGETED, Settings, SocketSlot, address_bucket, ipv4_mapped,
 };
 
 /// Let the connect proceed.
@@ -40,7 +38,7 @@ static QT_GROUPS: Array<GroupSlot, 4096> = Array::new();
 #[btf_map(pin_by_name)]
 static QT_GROUP_COUNTERS: Array<Counters, 4096> = Array::new();
 #[btf_map(pin_by_name)]
-static QT_ADDRESS_COUNTERS: HashMap<Address, Counters, 65536> = HashMap::new();
+static QT_ADDRESS_COUNTERS: Array<u64, 65536> = Array::new();
 #[btf_map(pin_by_name)]
 static QT_SETTINGS: Array<Settings, 1> = Array::new();
 #[btf_map(pin_by_name)]
@@ -122,9 +120,12 @@ enum Take {
 
 #[inline(always)]
 fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
+    let Some(settings) = QT_SETTINGS.get(0) else {
+        return ALLOW;
+    };
     let target = match QT_DESTINATIONS.get(&Key::new(128, *addr)) {
         Some(dest) => Target { kind: COUNTED_GROUP, slot: dest.slot },
-        None => Target { kind: COUNTED_ADDRESS, slot: DEFAULT_SLOT },
+        None => Target { kind: COUNTED_ADDRESS, slot: address_bucket(addr, settings.address_mask) },
     };
     // SAFETY: the helper takes the sock_addr context as it is.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
@@ -146,7 +147,7 @@ fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
     let take = if target.kind == COUNTED_GROUP {
         take_group_slot(target.slot)
     } else {
-        take_address_slot(addr)
+        take_address_slot(target.slot, settings.default_limit)
     };
     match take {
         Take::Taken => record(cookie, existing, target, addr),
@@ -224,7 +225,7 @@ fn give_back(counted: &mut SocketSlot) {
             unsafe { sub(&raw mut (*c).open, 1) };
         }
     } else if counted.kind == COUNTED_ADDRESS {
-        release_address(&counted.addr);
+        release_address(counted.slot);
     }
     counted.kind = COUNTED_NONE;
 }
@@ -258,48 +259,26 @@ unsafe fn take(c: *mut Counters, limit: u32, slot: u32) -> Take {
     Take::Taken
 }
 
-/// Per-address counters for destinations in no group. A counter is created on
-/// first use and deleted by the release that brings it back to zero; see
-/// [`release_address`] for how the two never race.
+/// Destinations in no group are counted per address, in a bucket chosen by
+/// hashing the address. Buckets live in an array, so there is nothing to
+/// create or delete and no reclaim that could race a connect: an idle bucket
+/// is simply zero.
 #[inline(always)]
-fn take_address_slot(addr: &Address) -> Take {
-    let Some(settings) = QT_SETTINGS.get(0) else {
+fn take_address_slot(bucket: u32, limit: u32) -> Take {
+    let Some(open) = QT_ADDRESS_COUNTERS.get_ptr_mut(bucket) else {
         return Take::Uncountable;
     };
-    let limit = settings.default_limit;
-    // Three tries: the counter found may be in the middle of being reclaimed.
-    for _ in 0..3 {
-        let Some(c) = QT_ADDRESS_COUNTERS.get_ptr_mut(addr) else {
-            let fresh = Counters::default();
-            if let Err(err) = QT_ADDRESS_COUNTERS.insert(addr, &fresh, BPF_NOEXIST.into()) {
-                // -EEXIST: another CPU created it first, which is fine.
-                if err != -17 {
-                    stat(STAT_MAP_FULL);
-                    return Take::Uncountable;
-                }
-            }
-            continue;
-        };
-        // SAFETY: hash values stay valid for the program run (RCU); the field
-        // is only changed atomically.
-        let open = unsafe { add(&raw mut (*c).open, 1) };
-        if open >= RECLAIMED {
-            // Being deleted: our increment lands on a dead counter and is lost
-            // with it, which is what we want. Look again.
-            continue;
-        }
-        let take = if open >= u64::from(limit) {
-            // SAFETY: as above.
-            unsafe { sub(&raw mut (*c).open, 1) };
-            Take::Refused { slot: DEFAULT_SLOT, open, limit }
-        } else {
-            Take::Taken
-        };
-        count_default(&take);
-        return take;
-    }
-    stat(STAT_RECLAIM_RACE);
-    Take::Uncountable
+    // SAFETY: array values are stable; the count is only changed atomically.
+    let before = unsafe { add(open, 1) };
+    let take = if before >= u64::from(limit) {
+        // SAFETY: as above.
+        unsafe { sub(open, 1) };
+        Take::Refused { slot: DEFAULT_SLOT, open: before, limit }
+    } else {
+        Take::Taken
+    };
+    count_default(&take);
+    take
 }
 
 /// Keeps the default slot's counters as the sum over per-address counters.
@@ -323,27 +302,16 @@ fn count_default(take: &Take) {
     }
 }
 
-/// The release that takes a per-address counter to zero marks it
-/// [`RECLAIMED`] with a compare-and-swap and then deletes it. A connect that
-/// increments a marked counter sees the mark and looks again, so a count is
-/// never made on a counter that is about to vanish; and since only the marker
-/// deletes, and inserts never replace, the delete removes that very counter.
+/// Gives back a slot of a destination in no group.
 #[inline(always)]
-fn release_address(addr: &Address) {
+fn release_address(bucket: u32) {
     if let Some(c) = QT_GROUP_COUNTERS.get_ptr_mut(DEFAULT_SLOT) {
         // SAFETY: array values are stable; fields are only changed atomically.
         unsafe { sub(&raw mut (*c).open, 1) };
     }
-    let Some(c) = QT_ADDRESS_COUNTERS.get_ptr_mut(addr) else {
-        // Cannot happen while this socket holds a slot in it; counted for visibility.
-        stat(STAT_RECLAIM_RACE);
-        return;
-    };
-    // SAFETY: hash values stay valid for the program run; atomics only.
-    unsafe {
-        if sub(&raw mut (*c).open, 1) == 1 && cas(&raw mut (*c).open, 0, RECLAIMED) {
-            let _ = QT_ADDRESS_COUNTERS.remove(addr);
-        }
+    if let Some(open) = QT_ADDRESS_COUNTERS.get_ptr_mut(bucket) {
+        // SAFETY: as above.
+        unsafe { sub(open, 1) };
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapInfo, RingBuf},
+    maps::{Array, LpmTrie, Map, MapData, MapInfo, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSock, CgroupSockAddr,
         links::{FdLink, PinnedLink},
@@ -24,13 +24,13 @@ use aya::{
     },
 };
 use qthrottle_common::{
-    Address, Counters, Destination, GroupSlot, MAP_ADDRESS_COUNTERS, MAP_DESTINATIONS, MAP_EVENTS,
+    Address, Counters, Destination, GroupSlot, SocketSlot, MAP_ADDRESS_COUNTERS, MAP_DESTINATIONS, MAP_EVENTS,
     MAP_GROUP_COUNTERS, MAP_GROUPS, MAP_PORTS, MAP_SETTINGS, MAP_SOCKETS, MAP_STATS, PROG_CONNECT4,
     PROG_CONNECT6, PROG_RELEASE, Settings,
 };
 
 /// The compiled eBPF object, embedded at build time.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qthrottle"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/qthrottle-ebpf"));
 
 /// Each program with the file its link is pinned under.
 const PROGRAMS: [(&str, &str); 3] = [
@@ -53,7 +53,8 @@ pub struct Maps {
     pub destinations: LpmTrie<MapData, Address, Destination>,
     pub groups: Array<MapData, GroupSlot>,
     pub counters: Array<MapData, Counters>,
-    pub addresses: HashMap<MapData, Address, Counters>,
+    pub addresses: Array<MapData, u64>,
+    pub sockets: Array<MapData, SocketSlot>,
     pub settings: Array<MapData, Settings>,
     pub ports: Array<MapData, u64>,
     pub stats: Array<MapData, u64>,
@@ -85,7 +86,8 @@ impl Maps {
             destinations: LpmTrie::try_from(Map::LpmTrie(open(MAP_DESTINATIONS)?))?,
             groups: Array::try_from(Map::Array(open(MAP_GROUPS)?))?,
             counters: Array::try_from(Map::Array(open(MAP_GROUP_COUNTERS)?))?,
-            addresses: HashMap::try_from(Map::HashMap(open(MAP_ADDRESS_COUNTERS)?))?,
+            addresses: Array::try_from(Map::Array(open(MAP_ADDRESS_COUNTERS)?))?,
+            sockets: Array::try_from(Map::Array(open(MAP_SOCKETS)?))?,
             settings: Array::try_from(Map::Array(open(MAP_SETTINGS)?))?,
             ports: Array::try_from(Map::Array(open(MAP_PORTS)?))?,
             stats: Array::try_from(Map::Array(open(MAP_STATS)?))?,
@@ -98,7 +100,8 @@ impl Maps {
             destinations: LpmTrie::try_from(take(MAP_DESTINATIONS)?)?,
             groups: Array::try_from(take(MAP_GROUPS)?)?,
             counters: Array::try_from(take(MAP_GROUP_COUNTERS)?)?,
-            addresses: HashMap::try_from(take(MAP_ADDRESS_COUNTERS)?)?,
+            addresses: Array::try_from(take(MAP_ADDRESS_COUNTERS)?)?,
+            sockets: Array::try_from(take(MAP_SOCKETS)?)?,
             settings: Array::try_from(take(MAP_SETTINGS)?)?,
             ports: Array::try_from(take(MAP_PORTS)?)?,
             stats: Array::try_from(take(MAP_STATS)?)?,
@@ -127,8 +130,12 @@ pub fn load(pin_dir: &Path, cgroup_dir: &Path, wanted: Sizes) -> anyhow::Result<
     }
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("failed to create pin directory {}", pin_dir.display()))?;
-    // The socket table is probed with a mask: its size is a power of two.
-    let wanted = Sizes { connections: wanted.connections.next_power_of_two(), ..wanted };
+    // The socket and address tables are indexed with a mask: powers of two.
+    let wanted = Sizes {
+        connections: wanted.connections.next_power_of_two(),
+        addresses: wanted.addresses.next_power_of_two(),
+        ..wanted
+    };
     let sizes = pinned_sizes(pin_dir).unwrap_or(wanted);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)

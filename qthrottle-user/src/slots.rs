@@ -29,6 +29,8 @@ pub struct Globals {
     pub map_full: MapFull,
     /// Entries of the kernel's socket table minus one.
     pub socket_mask: u32,
+    /// Entries of the kernel's per-address counters minus one.
+    pub address_mask: u32,
 }
 
 /// Group name ↔ slot, mirrored from the kernel's group table.
@@ -223,7 +225,7 @@ fn write_globals(maps: &mut Maps, globals: &Globals) -> anyhow::Result<()> {
         default_limit: globals.default_limit,
         flags,
         socket_mask: globals.socket_mask,
-        _pad: 0,
+        address_mask: globals.address_mask,
     };
     maps.settings.set(0, &settings, 0)
         .context("failed to write settings")?;

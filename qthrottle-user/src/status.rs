@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use anyhow::Context as _;
 use serde::Serialize;
+use ipnet::IpNet;
 use qthrottle_common::{
-    DEFAULT_SLOT, SLOT_DRAINING, STAT_EVENTS_LOST, STAT_MAP_FULL, STAT_RECLAIM_RACE, STAT_RETARGETED,
+    COUNTED_ADDRESS, DEFAULT_SLOT, SLOT_DRAINING, STAT_EVENTS_LOST, STAT_MAP_FULL, STAT_RETARGETED,
 };
 
 use crate::{
@@ -38,7 +39,6 @@ pub struct Row {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Events {
     pub map_full: u64,
-    pub reclaim_races: u64,
     pub events_lost: u64,
     pub retargeted: u64,
 }
@@ -81,24 +81,24 @@ pub fn collect(config: &Config) -> anyhow::Result<(Vec<Row>, Events)> {
     let stat = |i: u32| maps.stats.get(&i, 0).unwrap_or(0);
     let events = Events {
         map_full: stat(STAT_MAP_FULL),
-        reclaim_races: stat(STAT_RECLAIM_RACE),
         events_lost: stat(STAT_EVENTS_LOST),
         retargeted: stat(STAT_RETARGETED),
     };
     Ok((rows, events))
 }
 
-/// Addresses in no group that have connections open, with their counts.
+/// Addresses in no group that have connections open, with their counts,
+/// from the kernel's table of counted sockets.
 fn open_addresses(maps: &Maps) -> anyhow::Result<Vec<String>> {
-    let mut out = Vec::new();
-    for item in maps.addresses.iter() {
-        let (addr, c) = item.context("failed to read per-address counters")?;
-        if c.open > 0 && c.open < qthrottle_common::RECLAIMED {
-            let net = slots::key_net(&aya::maps::lpm_trie::Key::new(128, addr));
-            out.push(format!("{} ({} open)", host(net), c.open));
+    let mut open: BTreeMap<IpNet, u64> = BTreeMap::new();
+    for item in maps.sockets.iter() {
+        let s = item.context("failed to read the socket table")?;
+        if s.cookie != 0 && s.kind == COUNTED_ADDRESS {
+            let net = slots::key_net(&aya::maps::lpm_trie::Key::new(128, s.addr));
+            *open.entry(net).or_default() += 1;
         }
     }
-    Ok(out)
+    Ok(open.into_iter().map(|(net, n)| format!("{} ({n} open)", host(net))).collect())
 }
 
 /// The table for people.
@@ -132,10 +132,10 @@ pub fn render(rows: &[Row], events: &Events) -> String {
             }
         }
     }
-    if events.map_full + events.reclaim_races + events.events_lost > 0 {
+    if events.map_full + events.events_lost > 0 {
         out.push_str(&format!(
-            "kernel events: map full {}, reclaim races {}, refusal events lost {}\n",
-            events.map_full, events.reclaim_races, events.events_lost
+            "kernel events: map full {}, refusal events lost {}\n",
+            events.map_full, events.events_lost
         ));
     }
     out

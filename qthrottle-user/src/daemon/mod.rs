@@ -63,7 +63,8 @@ struct Daemon {
     resolved: mpsc::Sender<Resolved>,
     logged: BTreeMap<String, String>,
     state_dirty: bool,
-    socket_mask: u32,
+    /// Sizes of the kernel tables in force.
+    sizes: Sizes,
 }
 
 async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
@@ -97,7 +98,7 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
         resolved: resolved_tx,
         logged: BTreeMap::new(),
         state_dirty: true,
-        socket_mask: loaded.sizes.connections - 1,
+        sizes: loaded.sizes,
     };
     // The programs write refusal events without waking anyone (a wakeup per
     // refusal is costly in the connect path); they are read on this timer.
@@ -252,7 +253,8 @@ impl Daemon {
             ports: self.config.ports.clone(),
             default_limit: self.config.default_limit,
             map_full: self.config.map_full,
-            socket_mask: self.socket_mask,
+            socket_mask: self.sizes.connections - 1,
+            address_mask: self.sizes.addresses - 1,
         };
         let changes = self.slots.apply(&mut self.maps, &globals, &limits, &plan)?;
         for name in &changes.retired {
