@@ -11,7 +11,8 @@ fn main() -> anyhow::Result<()> {
         // Userspace-only builds (unit tests of the configuration and the
         // spawner): embed an empty object; loading it fails with a clear error.
         let out = std::env::var("OUT_DIR").context("OUT_DIR not set")?;
-        std::fs::write(format!("{out}/qthrottle-ebpf"), b"").context("failed to write placeholder")?;
+        std::fs::write(format!("{out}/qthrottle-ebpf"), b"")
+            .context("failed to write placeholder")?;
         return Ok(());
     }
     let toolchain = bpf_toolchain()?;
@@ -30,12 +31,16 @@ fn main() -> anyhow::Result<()> {
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../qthrottle-ebpf"),
         ..Default::default()
     };
-    aya_build::build_ebpf([ebpf], Toolchain::Custom(&toolchain)).context("failed to build the eBPF programs")
+    aya_build::build_ebpf([ebpf], Toolchain::Custom(&toolchain))
+        .context("failed to build the eBPF programs")
 }
 
 /// The `channel` line of the eBPF crate's rust-toolchain.toml.
 fn bpf_toolchain() -> anyhow::Result<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../qthrottle-ebpf/rust-toolchain.toml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../qthrottle-ebpf/rust-toolchain.toml"
+    );
     println!("cargo::rerun-if-changed={path}");
     let text = std::fs::read_to_string(path).with_context(|| format!("failed to read {path}"))?;
     text.lines()

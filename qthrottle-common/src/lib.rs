@@ -79,7 +79,11 @@ pub struct GroupSlot {
 }
 
 impl GroupSlot {
-    pub const EMPTY: Self = Self { limit: 0, state: SLOT_FREE, name: [0; NAME_LEN] };
+    pub const EMPTY: Self = Self {
+        limit: 0,
+        state: SLOT_FREE,
+        name: [0; NAME_LEN],
+    };
 }
 
 /// Value of [`MAP_GROUP_COUNTERS`] and [`MAP_ADDRESS_COUNTERS`]; changed only
@@ -141,7 +145,12 @@ pub const fn address_bucket(addr: &Address, mask: u32) -> u32 {
     let mut h: u32 = 0;
     let mut i = 0;
     while i < 4 {
-        let w = u32::from_ne_bytes([addr[i * 4], addr[i * 4 + 1], addr[i * 4 + 2], addr[i * 4 + 3]]);
+        let w = u32::from_ne_bytes([
+            addr[i * 4],
+            addr[i * 4 + 1],
+            addr[i * 4 + 2],
+            addr[i * 4 + 3],
+        ]);
         h = (h ^ w).wrapping_mul(0x9e37_79b1);
         h ^= h >> 15;
         i += 1;

@@ -79,9 +79,14 @@ pub fn qthrottle_connect6(ctx: SockAddrContext) -> i32 {
     // The verifier only allows 4-byte reads of user_ip6. An IPv4-mapped
     // address needs no special case: IPv4 is keyed in its mapped form.
     let mut addr = [0u8; 16];
-    for (i, word) in [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]]
-        .iter()
-        .enumerate()
+    for (i, word) in [
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    ]
+    .iter()
+    .enumerate()
     {
         addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
     }
@@ -113,7 +118,11 @@ struct Target {
 /// The outcome of trying to take a slot.
 enum Take {
     Taken,
-    Refused { slot: u32, open: u64, limit: u32 },
+    Refused {
+        slot: u32,
+        open: u64,
+        limit: u32,
+    },
     /// A map was full or contended: the configured failure mode decides.
     Uncountable,
 }
@@ -124,8 +133,14 @@ fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
         return ALLOW;
     };
     let target = match QT_DESTINATIONS.get(&Key::new(128, *addr)) {
-        Some(dest) => Target { kind: COUNTED_GROUP, slot: dest.slot },
-        None => Target { kind: COUNTED_ADDRESS, slot: address_bucket(addr, settings.address_mask) },
+        Some(dest) => Target {
+            kind: COUNTED_GROUP,
+            slot: dest.slot,
+        },
+        None => Target {
+            kind: COUNTED_ADDRESS,
+            slot: address_bucket(addr, settings.address_mask),
+        },
     };
     // SAFETY: the helper takes the sock_addr context as it is.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
@@ -162,8 +177,17 @@ fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
 /// Notes which counter the socket holds a slot in.
 #[inline(always)]
 fn record(cookie: u64, existing: *mut SocketSlot, target: Target, addr: &Address) -> i32 {
-    let mut value = SocketSlot { cookie, kind: target.kind, slot: target.slot, addr: *addr };
-    let entry = if existing.is_null() { claim_socket(cookie) } else { existing };
+    let mut value = SocketSlot {
+        cookie,
+        kind: target.kind,
+        slot: target.slot,
+        addr: *addr,
+    };
+    let entry = if existing.is_null() {
+        claim_socket(cookie)
+    } else {
+        existing
+    };
     if entry.is_null() {
         give_back(&mut value);
         stat(STAT_MAP_FULL);
@@ -207,7 +231,9 @@ fn claim_socket(cookie: u64) -> *mut SocketSlot {
     let mask = socket_mask();
     for probe in 0..SOCKET_PROBES {
         let index = (cookie as u32).wrapping_add(probe) & mask;
-        let Some(e) = QT_SOCKETS.get_ptr_mut(index) else { break };
+        let Some(e) = QT_SOCKETS.get_ptr_mut(index) else {
+            break;
+        };
         // SAFETY: array values are stable; entries are claimed only by CAS.
         if unsafe { cas(&raw mut (*e).cookie, 0, cookie) } {
             return e;
@@ -273,7 +299,11 @@ fn take_address_slot(bucket: u32, limit: u32) -> Take {
     let take = if before >= u64::from(limit) {
         // SAFETY: as above.
         unsafe { sub(open, 1) };
-        Take::Refused { slot: DEFAULT_SLOT, open: before, limit }
+        Take::Refused {
+            slot: DEFAULT_SLOT,
+            open: before,
+            limit,
+        }
     } else {
         Take::Taken
     };
@@ -344,7 +374,9 @@ fn uncountable() -> i32 {
 
 #[inline(always)]
 fn port_limited(port: u16) -> bool {
-    QT_PORTS.get(u32::from(port >> 6)).is_some_and(|word| (*word >> (port & 63)) & 1 == 1)
+    QT_PORTS
+        .get(u32::from(port >> 6))
+        .is_some_and(|word| (*word >> (port & 63)) & 1 == 1)
 }
 
 #[inline(always)]

@@ -17,11 +17,18 @@ pub fn resolve(setting: &str) -> anyhow::Result<PathBuf> {
     let path = Path::new(setting);
     if path.is_absolute() {
         if !path.starts_with(&mount) {
-            bail!("cgroup {} is not under the cgroup2 mount {}", path.display(), mount.display());
+            bail!(
+                "cgroup {} is not under the cgroup2 mount {}",
+                path.display(),
+                mount.display()
+            );
         }
         return Ok(path.to_path_buf());
     }
-    if path.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+    if path
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
         bail!("cgroup {setting:?} must be a plain relative path or an absolute one");
     }
     Ok(mount.join(path))
@@ -40,7 +47,10 @@ pub fn create(dir: &Path) -> anyhow::Result<()> {
 pub fn attach(dir: &Path, pid: u32) -> anyhow::Result<()> {
     let procs = dir.join("cgroup.procs");
     if !dir.is_dir() {
-        bail!("cgroup {} does not exist: is the daemon running?", dir.display());
+        bail!(
+            "cgroup {} does not exist: is the daemon running?",
+            dir.display()
+        );
     }
     let mut file = std::fs::OpenOptions::new()
         .write(true)

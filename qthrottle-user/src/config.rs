@@ -312,10 +312,18 @@ pub fn list_groups(path: &Path, explicit: bool) -> Result<Vec<GroupConfig>, Conf
 /// commands that must work while the file has errors elsewhere.
 pub fn paths_of(path: &Path) -> Config {
     let mut config = Config::default();
-    let Some(table) = std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok()) else {
+    let Some(table) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+    else {
         return config;
     };
-    let text = |key: &str| table.get(key).and_then(toml::Value::as_str).map(str::to_owned);
+    let text = |key: &str| {
+        table
+            .get(key)
+            .and_then(toml::Value::as_str)
+            .map(str::to_owned)
+    };
     if let Some(cgroup) = text("cgroup") {
         config.cgroup = cgroup;
     }

@@ -23,7 +23,9 @@ pub enum Request {
         relay: Option<String>,
     },
     /// The spawner's deliveries per group, replacing its previous report.
-    Deliveries { groups: BTreeMap<String, GroupDeliveries> },
+    Deliveries {
+        groups: BTreeMap<String, GroupDeliveries>,
+    },
 }
 
 /// Deliveries of one group, as the spawner reports them.
@@ -38,8 +40,14 @@ pub struct GroupDeliveries {
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Response {
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
     /// The group a domain's mail goes to, its limit, and how many seconds
     /// the answer may be cached.
-    Group { group: String, limit: u32, ttl: u64 },
+    Group {
+        group: String,
+        limit: u32,
+        ttl: u64,
+    },
 }

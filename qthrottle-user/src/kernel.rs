@@ -24,9 +24,9 @@ use aya::{
     },
 };
 use qthrottle_common::{
-    Address, Counters, Destination, GroupSlot, SocketSlot, MAP_ADDRESS_COUNTERS, MAP_DESTINATIONS, MAP_EVENTS,
+    Address, Counters, Destination, GroupSlot, MAP_ADDRESS_COUNTERS, MAP_DESTINATIONS, MAP_EVENTS,
     MAP_GROUP_COUNTERS, MAP_GROUPS, MAP_PORTS, MAP_SETTINGS, MAP_SOCKETS, MAP_STATS, PROG_CONNECT4,
-    PROG_CONNECT6, PROG_RELEASE, Settings,
+    PROG_CONNECT6, PROG_RELEASE, Settings, SocketSlot,
 };
 
 /// The compiled eBPF object, embedded at build time.
@@ -76,11 +76,15 @@ impl Maps {
     /// Opens the pinned maps without loading any program (status, CLI).
     pub fn open_pinned(pin_dir: &Path) -> anyhow::Result<Self> {
         if !pin_dir.join(MAP_GROUPS).exists() {
-            bail!("no pinned state in {}: the daemon has never run with this configuration", pin_dir.display());
+            bail!(
+                "no pinned state in {}: the daemon has never run with this configuration",
+                pin_dir.display()
+            );
         }
         let open = |name: &str| -> anyhow::Result<MapData> {
             let path = pin_dir.join(name);
-            MapData::from_pin(&path).with_context(|| format!("failed to open pinned map {}", path.display()))
+            MapData::from_pin(&path)
+                .with_context(|| format!("failed to open pinned map {}", path.display()))
         };
         Ok(Self {
             destinations: LpmTrie::try_from(Map::LpmTrie(open(MAP_DESTINATIONS)?))?,
@@ -95,7 +99,10 @@ impl Maps {
     }
 
     fn take(ebpf: &mut Ebpf) -> anyhow::Result<Self> {
-        let mut take = |name: &str| ebpf.take_map(name).with_context(|| format!("map {name} missing from the eBPF object"));
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))
+        };
         Ok(Self {
             destinations: LpmTrie::try_from(take(MAP_DESTINATIONS)?)?,
             groups: Array::try_from(take(MAP_GROUPS)?)?,
@@ -111,7 +118,11 @@ impl Maps {
 
 /// Sizes of maps already pinned in `pin_dir`, which a new load must reuse.
 fn pinned_sizes(pin_dir: &Path) -> Option<Sizes> {
-    let size = |name: &str| MapInfo::from_pin(pin_dir.join(name)).ok().map(|i| i.max_entries());
+    let size = |name: &str| {
+        MapInfo::from_pin(pin_dir.join(name))
+            .ok()
+            .map(|i| i.max_entries())
+    };
     Some(Sizes {
         groups: size(MAP_GROUPS)?,
         destinations: size(MAP_DESTINATIONS)?,
@@ -156,13 +167,21 @@ pub fn load(pin_dir: &Path, cgroup_dir: &Path, wanted: Sizes) -> anyhow::Result<
     let maps = Maps::take(&mut ebpf)?;
     let events = ebpf.take_map(MAP_EVENTS).context("map QT_EVENTS missing")?;
     let events = RingBuf::try_from(events)?;
-    Ok(Loaded { maps, events, adopted, sizes, _ebpf: ebpf })
+    Ok(Loaded {
+        maps,
+        events,
+        adopted,
+        sizes,
+        _ebpf: ebpf,
+    })
 }
 
 /// Loads one program and attaches it: onto its pinned link when there is one
 /// (true), or with a new link that is then pinned (false).
 fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File, link_pin: &Path) -> anyhow::Result<bool> {
-    let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing"))?;
     let is_sock_addr = matches!(program, aya::programs::Program::CgroupSockAddr(_));
     if is_sock_addr {
         <&mut CgroupSockAddr>::try_from(&mut *program)?.load()?;
@@ -222,7 +241,11 @@ const BPF_LINK_UPDATE: libc::c_int = 29;
 unsafe fn bpf(cmd: libc::c_int, attr: *mut libc::c_void, size: u32) -> std::io::Result<i32> {
     // SAFETY: forwarded to the caller.
     let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-    if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(ret as i32) }
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret as i32)
+    }
 }
 
 /// Detaches the programs and removes every pinned object. Open connections are
@@ -236,12 +259,17 @@ pub fn unload(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     };
     // Links first, so enforcement stops before the maps go.
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
     for path in paths {
-        std::fs::remove_file(&path).with_context(|| format!("failed to remove {}", path.display()))?;
+        std::fs::remove_file(&path)
+            .with_context(|| format!("failed to remove {}", path.display()))?;
         removed.push(path);
     }
-    std::fs::remove_dir(pin_dir).with_context(|| format!("failed to remove {}", pin_dir.display()))?;
+    std::fs::remove_dir(pin_dir)
+        .with_context(|| format!("failed to remove {}", pin_dir.display()))?;
     Ok(removed)
 }
 
@@ -264,7 +292,11 @@ pub fn program_stats(pin_dir: &Path) -> anyhow::Result<Vec<ProgramStats>> {
             .filter_map(Result::ok)
             .find(|p| p.id() == id)
             .with_context(|| format!("program {id} of {name} not found"))?;
-        out.push(ProgramStats { name, run_time: info.run_time(), run_count: info.run_count() });
+        out.push(ProgramStats {
+            name,
+            run_time: info.run_time(),
+            run_count: info.run_count(),
+        });
     }
     Ok(out)
 }

@@ -9,6 +9,6 @@ pub mod dns;
 pub mod kernel;
 pub mod mounts;
 pub mod plan;
+pub mod rspawn;
 pub mod slots;
 pub mod status;
-pub mod rspawn;

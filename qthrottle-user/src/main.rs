@@ -107,7 +107,10 @@ enum LimitCommand {
 
 fn main() -> ExitCode {
     let invoked_as = std::env::args_os().next().unwrap_or_default();
-    if Path::new(&invoked_as).file_name().is_some_and(|n| n == "qmail-rspawn") {
+    if Path::new(&invoked_as)
+        .file_name()
+        .is_some_and(|n| n == "qmail-rspawn")
+    {
         return rspawn_main();
     }
     let cli = Cli::parse();
@@ -151,8 +154,16 @@ fn run(command: Command) -> anyhow::Result<()> {
             let (path, explicit) = config::resolve_path(c.config.as_deref());
             daemon::run(path, explicit)
         }
-        Command::Status { json, programs: true, config } => show_programs(&paths(&config)?, json),
-        Command::Status { json, programs: false, config } => show_status(&paths(&config)?, json),
+        Command::Status {
+            json,
+            programs: true,
+            config,
+        } => show_programs(&paths(&config)?, json),
+        Command::Status {
+            json,
+            programs: false,
+            config,
+        } => show_status(&paths(&config)?, json),
         Command::Limit(cmd) => limit(cmd),
         Command::Exec { config, command } => exec(&paths(&config)?, &command),
         Command::Attach { pid, config } => {
@@ -180,7 +191,9 @@ fn paths(arg: &ConfigArg) -> anyhow::Result<Config> {
         Ok(config) => Ok(config),
         Err(err @ config::ConfigError::Invalid { .. }) => {
             eprintln!("qthrottle: warning: {err}");
-            eprintln!("qthrottle: warning: using the paths that file names; the daemon keeps its last good configuration");
+            eprintln!(
+                "qthrottle: warning: using the paths that file names; the daemon keeps its last good configuration"
+            );
             Ok(config::paths_of(&path))
         }
         Err(err) => Err(err.into()),
@@ -197,7 +210,10 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 fn show_status(config: &Config, json: bool) -> anyhow::Result<()> {
     let (rows, events) = status::collect(config)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).context("failed to encode status")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).context("failed to encode status")?
+        );
     } else {
         print!("{}", status::render(&rows, &events));
     }
@@ -208,11 +224,17 @@ fn show_programs(config: &Config, json: bool) -> anyhow::Result<()> {
     let stats = kernel::program_stats(&config.pin_path)?;
     for s in &stats {
         let ns = s.run_time.as_nanos() as u64;
-        let avg = if s.run_count == 0 { 0 } else { ns / s.run_count };
+        let avg = ns.checked_div(s.run_count).unwrap_or(0);
         if json {
-            println!(r#"{{"program":"{}","run_time_ns":{ns},"run_count":{},"avg_ns":{avg}}}"#, s.name, s.run_count);
+            println!(
+                r#"{{"program":"{}","run_time_ns":{ns},"run_count":{},"avg_ns":{avg}}}"#,
+                s.name, s.run_count
+            );
         } else {
-            println!("{:<20} runs={:<12} total={}ns avg={}ns", s.name, s.run_count, ns, avg);
+            println!(
+                "{:<20} runs={:<12} total={}ns avg={}ns",
+                s.name, s.run_count, ns, avg
+            );
         }
     }
     Ok(())
@@ -221,15 +243,28 @@ fn show_programs(config: &Config, json: bool) -> anyhow::Result<()> {
 fn limit(cmd: LimitCommand) -> anyhow::Result<()> {
     let (arg, done) = match cmd {
         LimitCommand::List(c) => return list(&c),
-        LimitCommand::Set { name, limit, domains, addresses, mx_suffixes, config } => {
+        LimitCommand::Set {
+            name,
+            limit,
+            domains,
+            addresses,
+            mx_suffixes,
+            config,
+        } => {
             let (path, _) = config::resolve_path(config.config.as_deref());
             config::set_group(&path, &name, limit, &domains, &addresses, &mx_suffixes)?;
-            (config, format!("group {name} set to limit {limit} in {}", path.display()))
+            (
+                config,
+                format!("group {name} set to limit {limit} in {}", path.display()),
+            )
         }
         LimitCommand::Rm { name, config } => {
             let (path, _) = config::resolve_path(config.config.as_deref());
             config::remove_group(&path, &name)?;
-            (config, format!("group {name} removed from {}", path.display()))
+            (
+                config,
+                format!("group {name} removed from {}", path.display()),
+            )
         }
     };
     println!("{done}");
@@ -238,7 +273,10 @@ fn limit(cmd: LimitCommand) -> anyhow::Result<()> {
         Ok(Response::Ok) => println!("applied by the running daemon"),
         Ok(Response::Error { message }) => bail!("the daemon rejected the change: {message}"),
         Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
-        Err(_) => println!("the daemon is not running ({}): the change applies when it starts", socket.display()),
+        Err(_) => println!(
+            "the daemon is not running ({}): the change applies when it starts",
+            socket.display()
+        ),
     }
     Ok(())
 }
@@ -246,7 +284,11 @@ fn limit(cmd: LimitCommand) -> anyhow::Result<()> {
 fn list(arg: &ConfigArg) -> anyhow::Result<()> {
     let (path, explicit) = config::resolve_path(arg.config.as_deref());
     for g in config::list_groups(&path, explicit)? {
-        let addresses: Vec<String> = g.addresses.iter().map(|a| qthrottle::plan::host(*a)).collect();
+        let addresses: Vec<String> = g
+            .addresses
+            .iter()
+            .map(|a| qthrottle::plan::host(*a))
+            .collect();
         println!(
             "{} limit={} domains={} mx_suffixes={} addresses={}",
             g.name,
@@ -260,7 +302,11 @@ fn list(arg: &ConfigArg) -> anyhow::Result<()> {
 }
 
 fn dash(items: &[String]) -> String {
-    if items.is_empty() { "-".into() } else { items.join(",") }
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
+    }
 }
 
 fn exec(config: &Config, command: &[OsString]) -> anyhow::Result<()> {
@@ -269,7 +315,9 @@ fn exec(config: &Config, command: &[OsString]) -> anyhow::Result<()> {
         cgroup::create(&dir)?;
     }
     if !config.pin_path.join("link_connect4").exists() {
-        eprintln!("qthrottle: warning: no programs attached yet (is the daemon running?); connections are not limited until they are");
+        eprintln!(
+            "qthrottle: warning: no programs attached yet (is the daemon running?); connections are not limited until they are"
+        );
     }
     cgroup::attach(&dir, 0)?;
     let (program, args) = command.split_first().context("no command given")?;
@@ -280,12 +328,19 @@ fn exec(config: &Config, command: &[OsString]) -> anyhow::Result<()> {
 fn unload(config: &Config) -> anyhow::Result<()> {
     require_root("unload")?;
     let removed = kernel::unload(&config.pin_path)?;
-    println!("removed {} pinned objects from {}", removed.len(), config.pin_path.display());
+    println!(
+        "removed {} pinned objects from {}",
+        removed.len(),
+        config.pin_path.display()
+    );
     let dir = cgroup::resolve(&config.cgroup)?;
     if cgroup::remove_if_empty(&dir)? {
         println!("removed cgroup {}", dir.display());
     } else if dir.exists() {
-        println!("cgroup {} still has processes; left in place", dir.display());
+        println!(
+            "cgroup {} still has processes; left in place",
+            dir.display()
+        );
     }
     let _ = std::fs::remove_file(daemon::state::path(&config.state_dir));
     Ok(())

@@ -20,7 +20,10 @@ pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
             let mut fields = line.split(' ');
             let point = fields.nth(4)?;
             let fstype = fields.skip_while(|f| *f != "-").nth(1)?;
-            Some(Mount { point: PathBuf::from(unescape(point)), fstype: fstype.to_string() })
+            Some(Mount {
+                point: PathBuf::from(unescape(point)),
+                fstype: fstype.to_string(),
+            })
         })
         .collect()
 }
@@ -31,10 +34,15 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|o| o.iter().all(|b| (b'0'..=b'7').contains(b)));
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|b| (b'0'..=b'7').contains(b)));
         match (bytes[i], octal) {
             (b'\\', Some(o)) => {
-                out.push(o.iter().fold(0u8, |acc, b| acc.wrapping_mul(8) + (b - b'0')));
+                out.push(
+                    o.iter()
+                        .fold(0u8, |acc, b| acc.wrapping_mul(8) + (b - b'0')),
+                );
                 i += 4;
             }
             (b, _) => {
@@ -65,7 +73,9 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
 
 /// The mount whose point is the longest prefix of `path`.
 fn mount_of<'a>(all: &'a [Mount], path: &Path) -> Option<&'a Mount> {
-    all.iter().filter(|m| path.starts_with(&m.point)).max_by_key(|m| m.point.components().count())
+    all.iter()
+        .filter(|m| path.starts_with(&m.point))
+        .max_by_key(|m| m.point.components().count())
 }
 
 /// Makes sure `pin_dir` lies on a bpf filesystem, mounting one at
@@ -80,10 +90,16 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<bool> {
     let target = if pin_dir.starts_with(default) {
         default
     } else {
-        pin_dir.parent().context("pin path has no parent directory")?
+        pin_dir
+            .parent()
+            .context("pin path has no parent directory")?
     };
     if mount_of(&all, target).is_some_and(|m| m.point == target && m.fstype != "bpf") {
-        bail!("{} is already a {} mount, not bpf", target.display(), mount_of(&all, target).map_or("", |m| &m.fstype));
+        bail!(
+            "{} is already a {} mount, not bpf",
+            target.display(),
+            mount_of(&all, target).map_or("", |m| &m.fstype)
+        );
     }
     std::fs::create_dir_all(target)
         .with_context(|| format!("failed to create {}", target.display()))?;
@@ -91,7 +107,9 @@ pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<bool> {
         Some("bpf"),
         target,
         Some("bpf"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .with_context(|| format!("failed to mount bpffs on {}", target.display()))?;

@@ -74,7 +74,12 @@ struct Claim<'a> {
 impl Claim<'_> {
     /// Lower wins: source rank, longer prefix, lower limit, then name.
     fn key(&self) -> (Source, Reverse<u8>, u32, &str) {
-        (self.source, Reverse(self.net.prefix_len()), self.group.limit, &self.group.name)
+        (
+            self.source,
+            Reverse(self.net.prefix_len()),
+            self.group.limit,
+            &self.group.name,
+        )
     }
 }
 
@@ -82,7 +87,10 @@ impl Claim<'_> {
 pub fn plan(groups: &[GroupInput]) -> Plan {
     let mut out = Plan {
         entries: BTreeMap::new(),
-        groups: groups.iter().map(|g| (g.name.clone(), GroupPlan::default())).collect(),
+        groups: groups
+            .iter()
+            .map(|g| (g.name.clone(), GroupPlan::default()))
+            .collect(),
     };
     let (configured, resolved) = claims(groups);
     let explicit = settle(configured, &mut out);
@@ -100,12 +108,26 @@ fn claims(groups: &[GroupInput]) -> (Vec<Claim<'_>>, Vec<Claim<'_>>) {
     for group in groups {
         for net in &group.addresses {
             let net = net.trunc();
-            let source = if net.prefix_len() == net.max_prefix_len() { Source::Literal } else { Source::Range };
-            configured.push(Claim { net, source, group, origin: "" });
+            let source = if net.prefix_len() == net.max_prefix_len() {
+                Source::Literal
+            } else {
+                Source::Range
+            };
+            configured.push(Claim {
+                net,
+                source,
+                group,
+                origin: "",
+            });
         }
         for (domain, (source, addrs)) in &group.domains {
             for addr in addrs {
-                resolved.push(Claim { net: IpNet::from(*addr), source: *source, group, origin: domain });
+                resolved.push(Claim {
+                    net: IpNet::from(*addr),
+                    source: *source,
+                    group,
+                    origin: domain,
+                });
             }
         }
     }
@@ -156,19 +178,28 @@ fn conflict(out: &mut Plan, winner: &Claim<'_>, loser: &Claim<'_>, net: IpNet) {
             format!("{} ({} {})", c.group.name, c.source.word(), c.origin)
         }
     };
-    let line = format!("{}: {} wins over {}", host(net), describe(winner), describe(loser));
+    let line = format!(
+        "{}: {} wins over {}",
+        host(net),
+        describe(winner),
+        describe(loser)
+    );
     for name in [&winner.group.name, &loser.group.name] {
-        if let Some(g) = out.groups.get_mut(name.as_str()) {
-            if !g.conflicts.contains(&line) {
-                g.conflicts.push(line.clone());
-            }
+        if let Some(g) = out.groups.get_mut(name.as_str())
+            && !g.conflicts.contains(&line)
+        {
+            g.conflicts.push(line.clone());
         }
     }
 }
 
 /// A network written as an address when it is a single one.
 pub fn host(net: IpNet) -> String {
-    if net.prefix_len() == net.max_prefix_len() { net.addr().to_string() } else { net.to_string() }
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -209,29 +240,57 @@ mod tests {
 
     #[test]
     fn configured_range_beats_a_domain_address_inside_it() {
-        let g1 = with_domain(group("mx", 2, &[]), "example.com", Source::Domain, &["192.0.2.7"]);
+        let g1 = with_domain(
+            group("mx", 2, &[]),
+            "example.com",
+            Source::Domain,
+            &["192.0.2.7"],
+        );
         let g2 = group("net", 10, &["192.0.2.0/24"]);
         let p = plan(&[g1, g2]);
         assert!(!p.entries.contains_key(&net("192.0.2.7/32")));
         assert_eq!(p.entries[&net("192.0.2.0/24")], "net");
-        assert!(p.groups["mx"].conflicts[0].contains("192.0.2.7: net (range) wins over mx (domain example.com)"));
+        assert!(
+            p.groups["mx"].conflicts[0]
+                .contains("192.0.2.7: net (range) wins over mx (domain example.com)")
+        );
     }
 
     #[test]
     fn domain_beats_provider_and_shared_mx_is_one_entry() {
-        let g1 = with_domain(group("d", 5, &[]), "a.example", Source::Domain, &["2001:db8::1"]);
+        let g1 = with_domain(
+            group("d", 5, &[]),
+            "a.example",
+            Source::Domain,
+            &["2001:db8::1"],
+        );
         let g1 = with_domain(g1, "b.example", Source::Domain, &["2001:db8::1"]);
-        let g2 = with_domain(group("p", 1, &[]), "c.example", Source::Provider, &["2001:db8::1"]);
+        let g2 = with_domain(
+            group("p", 1, &[]),
+            "c.example",
+            Source::Provider,
+            &["2001:db8::1"],
+        );
         let p = plan(&[g1, g2]);
         assert_eq!(p.entries.len(), 1);
         assert_eq!(p.entries[&net("2001:db8::1/128")], "d");
         assert_eq!(p.groups["p"].conflicts.len(), 1);
-        assert!(p.groups["d"].conflicts.iter().all(|c| !c.contains("wins over d ")));
+        assert!(
+            p.groups["d"]
+                .conflicts
+                .iter()
+                .all(|c| !c.contains("wins over d "))
+        );
     }
 
     #[test]
     fn same_group_claims_are_not_conflicts() {
-        let g = with_domain(group("g", 5, &["198.51.100.0/24"]), "x.example", Source::Domain, &["198.51.100.9"]);
+        let g = with_domain(
+            group("g", 5, &["198.51.100.0/24"]),
+            "x.example",
+            Source::Domain,
+            &["198.51.100.9"],
+        );
         let p = plan(&[g]);
         assert_eq!(p.entries.len(), 1);
         assert!(p.groups["g"].conflicts.is_empty());

@@ -8,8 +8,8 @@ use anyhow::{Context as _, bail};
 use aya::maps::{MapError, lpm_trie::Key};
 use ipnet::IpNet;
 use qthrottle_common::{
-    Address, Counters, DEFAULT_SLOT, Destination, FLAG_FAIL_CLOSED, GroupSlot, NAME_LEN, PORT_WORDS,
-    SLOT_ACTIVE, SLOT_DRAINING, SLOT_FREE, Settings,
+    Address, Counters, DEFAULT_SLOT, Destination, FLAG_FAIL_CLOSED, GroupSlot, NAME_LEN,
+    PORT_WORDS, SLOT_ACTIVE, SLOT_DRAINING, SLOT_FREE, Settings,
 };
 
 use crate::{
@@ -53,9 +53,15 @@ pub struct Changes {
 impl Slots {
     /// Reads the slots the kernel already has (a restarted daemon keeps them).
     pub fn adopt(maps: &Maps) -> anyhow::Result<Self> {
-        let mut slots = Slots { capacity: maps.groups.len(), ..Slots::default() };
+        let mut slots = Slots {
+            capacity: maps.groups.len(),
+            ..Slots::default()
+        };
         for slot in 1..slots.capacity {
-            let g = maps.groups.get(&slot, 0).context("failed to read the group table")?;
+            let g = maps
+                .groups
+                .get(&slot, 0)
+                .context("failed to read the group table")?;
             match g.state {
                 SLOT_ACTIVE => {
                     slots.active.insert(name_of(&g), slot);
@@ -96,13 +102,18 @@ impl Slots {
         plan: &Plan,
     ) -> anyhow::Result<Changes> {
         if limits.len() as u64 >= u64::from(self.capacity) {
-            bail!("{} groups do not fit in the kernel's group table of {} (max_groups)", limits.len(), self.capacity - 1);
+            bail!(
+                "{} groups do not fit in the kernel's group table of {} (max_groups)",
+                limits.len(),
+                self.capacity - 1
+            );
         }
         write_globals(maps, globals)?;
         let mut changes = Changes::default();
         for (name, limit) in limits {
             let slot = self.assign(name)?;
-            maps.groups.set(slot, &group_slot(name, *limit, SLOT_ACTIVE), 0)
+            maps.groups
+                .set(slot, &group_slot(name, *limit, SLOT_ACTIVE), 0)
                 .with_context(|| format!("failed to write group {name}"))?;
         }
         let wanted = self.entries(plan)?;
@@ -121,25 +132,49 @@ impl Slots {
     pub fn free_drained(&mut self, maps: &mut Maps) -> anyhow::Result<Vec<String>> {
         let mut freed = Vec::new();
         for (slot, name) in std::mem::take(&mut self.draining) {
-            let open = maps.counters.get(&slot, 0).context("failed to read counters")?.open;
+            let open = maps
+                .counters
+                .get(&slot, 0)
+                .context("failed to read counters")?
+                .open;
             if open != 0 {
                 self.draining.insert(slot, name);
                 continue;
             }
-            maps.counters.set(slot, &Counters::default(), 0).context("failed to reset counters")?;
-            maps.groups.set(slot, &GroupSlot::EMPTY, 0).context("failed to free group slot")?;
+            maps.counters
+                .set(slot, &Counters::default(), 0)
+                .context("failed to reset counters")?;
+            maps.groups
+                .set(slot, &GroupSlot::EMPTY, 0)
+                .context("failed to free group slot")?;
             freed.push(name);
         }
         Ok(freed)
     }
 
-    fn retire(&mut self, maps: &mut Maps, limits: &BTreeMap<String, u32>) -> anyhow::Result<Vec<String>> {
-        let gone: Vec<String> = self.active.keys().filter(|n| !limits.contains_key(*n)).cloned().collect();
+    fn retire(
+        &mut self,
+        maps: &mut Maps,
+        limits: &BTreeMap<String, u32>,
+    ) -> anyhow::Result<Vec<String>> {
+        let gone: Vec<String> = self
+            .active
+            .keys()
+            .filter(|n| !limits.contains_key(*n))
+            .cloned()
+            .collect();
         for name in &gone {
-            let Some(slot) = self.active.remove(name) else { continue };
-            let mut g = maps.groups.get(&slot, 0).context("failed to read group slot")?;
+            let Some(slot) = self.active.remove(name) else {
+                continue;
+            };
+            let mut g = maps
+                .groups
+                .get(&slot, 0)
+                .context("failed to read group slot")?;
             g.state = SLOT_DRAINING;
-            maps.groups.set(slot, &g, 0).context("failed to retire group slot")?;
+            maps.groups
+                .set(slot, &g, 0)
+                .context("failed to retire group slot")?;
             self.draining.insert(slot, name.clone());
         }
         Ok(gone)
@@ -150,15 +185,26 @@ impl Slots {
         if let Some(slot) = self.active.get(name) {
             return Ok(*slot);
         }
-        let revived = self.draining.iter().find(|(_, n)| n.as_str() == name).map(|(s, _)| *s);
+        let revived = self
+            .draining
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .map(|(s, _)| *s);
         let slot = match revived {
             Some(slot) => {
                 self.draining.remove(&slot);
                 slot
             }
             None => {
-                let used: BTreeSet<u32> = self.active.values().chain(self.draining.keys()).copied().collect();
-                (1..self.capacity).find(|s| !used.contains(s)).context("no free group slot (max_groups)")?
+                let used: BTreeSet<u32> = self
+                    .active
+                    .values()
+                    .chain(self.draining.keys())
+                    .copied()
+                    .collect();
+                (1..self.capacity)
+                    .find(|s| !used.contains(s))
+                    .context("no free group slot (max_groups)")?
             }
         };
         self.active.insert(name.to_string(), slot);
@@ -169,7 +215,9 @@ impl Slots {
         plan.entries
             .iter()
             .map(|(net, name)| {
-                let slot = self.slot(name).with_context(|| format!("group {name} has no slot"))?;
+                let slot = self
+                    .slot(name)
+                    .with_context(|| format!("group {name} has no slot"))?;
                 Ok((*net, slot))
             })
             .collect()
@@ -178,7 +226,10 @@ impl Slots {
 
 /// Writes the new and changed destination entries, then removes stale ones,
 /// so a grouped address is never briefly ungrouped.
-fn sync_destinations(maps: &mut Maps, wanted: &BTreeMap<IpNet, u32>) -> anyhow::Result<(usize, usize)> {
+fn sync_destinations(
+    maps: &mut Maps,
+    wanted: &BTreeMap<IpNet, u32>,
+) -> anyhow::Result<(usize, usize)> {
     let current = destinations(maps)?;
     let mut written = 0;
     for (net, slot) in wanted {
@@ -220,16 +271,26 @@ fn full(err: MapError) -> anyhow::Error {
 }
 
 fn write_globals(maps: &mut Maps, globals: &Globals) -> anyhow::Result<()> {
-    let flags = if globals.map_full == MapFull::Closed { FLAG_FAIL_CLOSED } else { 0 };
+    let flags = if globals.map_full == MapFull::Closed {
+        FLAG_FAIL_CLOSED
+    } else {
+        0
+    };
     let settings = Settings {
         default_limit: globals.default_limit,
         flags,
         socket_mask: globals.socket_mask,
         address_mask: globals.address_mask,
     };
-    maps.settings.set(0, &settings, 0)
+    maps.settings
+        .set(0, &settings, 0)
         .context("failed to write settings")?;
-    maps.groups.set(DEFAULT_SLOT, &group_slot(DEFAULT_NAME, globals.default_limit, SLOT_ACTIVE), 0)
+    maps.groups
+        .set(
+            DEFAULT_SLOT,
+            &group_slot(DEFAULT_NAME, globals.default_limit, SLOT_ACTIVE),
+            0,
+        )
         .context("failed to write the default group")?;
     let mut words = vec![0u64; PORT_WORDS as usize];
     for port in &globals.ports {
@@ -237,7 +298,9 @@ fn write_globals(maps: &mut Maps, globals: &Globals) -> anyhow::Result<()> {
     }
     for (i, word) in (0u32..).zip(words) {
         if maps.ports.get(&i, 0).context("failed to read ports")? != word {
-            maps.ports.set(i, &word, 0).context("failed to write ports")?;
+            maps.ports
+                .set(i, &word, 0)
+                .context("failed to write ports")?;
         }
     }
     Ok(())
@@ -246,7 +309,10 @@ fn write_globals(maps: &mut Maps, globals: &Globals) -> anyhow::Result<()> {
 /// The kernel's key for a network: IPv4 in its IPv4-mapped form.
 pub fn lpm_key(net: IpNet) -> Key<Address> {
     match net {
-        IpNet::V4(n) => Key::new(96 + u32::from(n.prefix_len()), qthrottle_common::ipv4_mapped(n.network().octets())),
+        IpNet::V4(n) => Key::new(
+            96 + u32::from(n.prefix_len()),
+            qthrottle_common::ipv4_mapped(n.network().octets()),
+        ),
         IpNet::V6(n) => Key::new(u32::from(n.prefix_len()), n.network().octets()),
     }
 }
@@ -256,13 +322,20 @@ pub fn key_net(key: &Key<Address>) -> IpNet {
     let v6 = std::net::Ipv6Addr::from(key.data());
     let len = key.prefix_len();
     match v6.to_ipv4_mapped() {
-        Some(v4) if len >= 96 => IpNet::new(v4.into(), (len - 96) as u8).unwrap_or(IpNet::from(std::net::IpAddr::V4(v4))),
-        _ => IpNet::new(v6.into(), len.min(128) as u8).unwrap_or(IpNet::from(std::net::IpAddr::V6(v6))),
+        Some(v4) if len >= 96 => {
+            IpNet::new(v4.into(), (len - 96) as u8).unwrap_or(IpNet::from(std::net::IpAddr::V4(v4)))
+        }
+        _ => IpNet::new(v6.into(), len.min(128) as u8)
+            .unwrap_or(IpNet::from(std::net::IpAddr::V6(v6))),
     }
 }
 
 fn group_slot(name: &str, limit: u32, state: u32) -> GroupSlot {
-    let mut slot = GroupSlot { limit, state, name: [0; NAME_LEN] };
+    let mut slot = GroupSlot {
+        limit,
+        state,
+        name: [0; NAME_LEN],
+    };
     let bytes = name.as_bytes();
     let n = bytes.len().min(NAME_LEN - 1);
     slot.name[..n].copy_from_slice(&bytes[..n]);
@@ -286,7 +359,13 @@ mod tests {
 
     #[test]
     fn keys_round_trip_for_both_families() {
-        for s in ["192.0.2.0/24", "127.0.0.1/32", "2001:db8::/32", "::1/128", "0.0.0.0/0"] {
+        for s in [
+            "192.0.2.0/24",
+            "127.0.0.1/32",
+            "2001:db8::/32",
+            "::1/128",
+            "0.0.0.0/0",
+        ] {
             let net: IpNet = s.parse().expect("net");
             assert_eq!(key_net(&lpm_key(net)), net, "{s}");
         }

@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context as _;
-use serde::Serialize;
 use ipnet::IpNet;
 use qthrottle_common::{
     COUNTED_ADDRESS, DEFAULT_SLOT, SLOT_DRAINING, STAT_EVENTS_LOST, STAT_MAP_FULL, STAT_RETARGETED,
 };
+use serde::Serialize;
 
 use crate::{
     config::Config,
@@ -53,11 +53,17 @@ pub fn collect(config: &Config) -> anyhow::Result<(Vec<Row>, Events)> {
     }
     let mut rows = Vec::new();
     for slot in 0..maps.groups.len() {
-        let g = maps.groups.get(&slot, 0).context("failed to read the group table")?;
+        let g = maps
+            .groups
+            .get(&slot, 0)
+            .context("failed to read the group table")?;
         if slot != DEFAULT_SLOT && !slots::in_use(&g) {
             continue;
         }
-        let c = maps.counters.get(&slot, 0).context("failed to read counters")?;
+        let c = maps
+            .counters
+            .get(&slot, 0)
+            .context("failed to read counters")?;
         let name = slots::name_of(&g);
         let known = state.groups.get(&name);
         let deliveries = state.deliveries.get(&name).copied().unwrap_or_default();
@@ -68,7 +74,9 @@ pub fn collect(config: &Config) -> anyhow::Result<(Vec<Row>, Events)> {
             refused: c.refused,
             in_flight: deliveries.in_flight,
             held: deliveries.held,
-            domains: known.map(|k| k.domains.keys().cloned().collect()).unwrap_or_default(),
+            domains: known
+                .map(|k| k.domains.keys().cloned().collect())
+                .unwrap_or_default(),
             addresses: addresses.remove(&slot).unwrap_or_default(),
             conflicts: known.map(|k| k.conflicts.clone()).unwrap_or_default(),
             draining: g.state == SLOT_DRAINING,
@@ -98,15 +106,32 @@ fn open_addresses(maps: &Maps) -> anyhow::Result<Vec<String>> {
             *open.entry(net).or_default() += 1;
         }
     }
-    Ok(open.into_iter().map(|(net, n)| format!("{} ({n} open)", host(net))).collect())
+    Ok(open
+        .into_iter()
+        .map(|(net, n)| format!("{} ({n} open)", host(net)))
+        .collect())
 }
 
 /// The table for people.
 pub fn render(rows: &[Row], events: &Events) -> String {
-    let header = ["GROUP", "LIMIT", "OPEN", "ALLOWED", "REFUSED", "IN-FLIGHT", "HELD", "DOMAINS", "ADDRESSES"];
+    let header = [
+        "GROUP",
+        "LIMIT",
+        "OPEN",
+        "ALLOWED",
+        "REFUSED",
+        "IN-FLIGHT",
+        "HELD",
+        "DOMAINS",
+        "ADDRESSES",
+    ];
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
-        let name = if r.draining { format!("{} (draining)", r.name) } else { r.name.clone() };
+        let name = if r.draining {
+            format!("{} (draining)", r.name)
+        } else {
+            r.name.clone()
+        };
         lines.push(vec![
             name,
             r.limit.to_string(),
@@ -119,11 +144,16 @@ pub fn render(rows: &[Row], events: &Events) -> String {
             join(&r.addresses),
         ]);
     }
-    let widths: Vec<usize> =
-        (0..header.len()).map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
+        .collect();
     let mut out = String::new();
     for (i, line) in lines.iter().enumerate() {
-        let cells: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let cells: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
         if let Some(r) = i.checked_sub(1).and_then(|j| rows.get(j)) {
@@ -142,5 +172,9 @@ pub fn render(rows: &[Row], events: &Events) -> String {
 }
 
 fn join(items: &[String]) -> String {
-    if items.is_empty() { "-".into() } else { items.join(",") }
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(",")
+    }
 }

@@ -962,29 +962,51 @@ fn ungrouped_counts_hold_under_contention() -> Result<()> {
     const LIMIT: u64 = 2;
     let env = Setup::new(124).default_limit(2).build()?;
     let targets = [env.addr(1), env.addr(2)];
-    let listeners: Vec<Listener> =
-        targets.iter().map(|a| Listener::start((*a, 25))).collect::<Result<_>>()?;
+    let listeners: Vec<Listener> = targets
+        .iter()
+        .map(|a| Listener::start((*a, 25)))
+        .collect::<Result<_>>()?;
     let _daemon = Daemon::start(&env)?;
-    let mut probes: Vec<Probe> = (0..12).map(|_| Probe::in_cgroup(&env)).collect::<Result<_>>()?;
+    let mut probes: Vec<Probe> = (0..12)
+        .map(|_| Probe::in_cgroup(&env))
+        .collect::<Result<_>>()?;
     for (i, probe) in probes.iter_mut().enumerate() {
         probe.start_loop(targets[i % 2], 25, 3.0, LoopMode::Wait)?;
     }
     let mut total = qthrottle_tests::probe::LoopCounts::default();
     for probe in &mut probes {
         let counts = probe.finish_loop(Duration::from_secs(120))?;
-        assert_eq!(counts.other, 0, "connect failed otherwise than EPERM: {counts:?}");
+        assert_eq!(
+            counts.other, 0,
+            "connect failed otherwise than EPERM: {counts:?}"
+        );
         total.ok += counts.ok;
         total.eperm += counts.eperm;
     }
     eprintln!("ungrouped contention: {total:?}");
     for l in &listeners {
-        assert!(l.max_open() <= LIMIT, "listener saw {} at once", l.max_open());
+        assert!(
+            l.max_open() <= LIMIT,
+            "listener saw {} at once",
+            l.max_open()
+        );
         l.wait_open(0, WAIT)?;
     }
-    assert!(total.ok > 0 && total.eperm > 0, "no contention happened: {total:?}");
+    assert!(
+        total.ok > 0 && total.eperm > 0,
+        "no contention happened: {total:?}"
+    );
     let s = status_when(&env, "(default)", |s| s.open == 0)?;
-    assert_eq!((s.open, s.allowed, s.refused), (0, total.ok, total.eperm), "{s:?}");
-    assert!(s.addresses.is_empty(), "addresses still counted open: {:?}", s.addresses);
+    assert_eq!(
+        (s.open, s.allowed, s.refused),
+        (0, total.ok, total.eperm),
+        "{s:?}"
+    );
+    assert!(
+        s.addresses.is_empty(),
+        "addresses still counted open: {:?}",
+        s.addresses
+    );
     assert_no_wrapped(&env)?;
     Ok(())
 }

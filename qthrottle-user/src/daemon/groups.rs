@@ -49,7 +49,10 @@ pub struct Destinations {
 impl Destinations {
     /// The names the configuration and the learned domains need resolved.
     pub fn wanted(&self, config: &Config) -> BTreeSet<Name> {
-        let configured = config.groups.iter().flat_map(|g| g.domains.iter().cloned().map(Name::Mail));
+        let configured = config
+            .groups
+            .iter()
+            .flat_map(|g| g.domains.iter().cloned().map(Name::Mail));
         let learned = self.learned.iter().map(|(domain, l)| match &l.relay {
             Some(relay) => Name::Relay(relay.clone()),
             None => Name::Mail(domain.clone()),
@@ -59,7 +62,11 @@ impl Destinations {
 
     /// The addresses a name resolved to (empty until it has resolved once).
     pub fn addresses(&self, name: &Name) -> BTreeSet<IpAddr> {
-        self.names.get(name).and_then(|d| d.hosts.as_ref()).map(|h| h.addresses.clone()).unwrap_or_default()
+        self.names
+            .get(name)
+            .and_then(|d| d.hosts.as_ref())
+            .map(|h| h.addresses.clone())
+            .unwrap_or_default()
     }
 
     fn hosts(&self, name: &Name) -> Option<&MailHosts> {
@@ -70,7 +77,8 @@ impl Destinations {
     /// provider groups with the learned domains whose MX hosts match, and a
     /// group of its own (default limit) for every other learned destination.
     pub fn inputs(&self, config: &Config) -> Vec<GroupInput> {
-        let mut groups: Vec<GroupInput> = config.groups.iter().map(|g| self.configured(g)).collect();
+        let mut groups: Vec<GroupInput> =
+            config.groups.iter().map(|g| self.configured(g)).collect();
         let mut own: BTreeMap<String, GroupInput> = BTreeMap::new();
         for (domain, learned) in &self.learned {
             if config.groups.iter().any(|g| g.domains.contains(domain)) {
@@ -80,12 +88,16 @@ impl Destinations {
                 Some(relay) => Name::Relay(relay.clone()),
                 None => Name::Mail(domain.clone()),
             };
-            let Some(hosts) = self.hosts(&name) else { continue };
+            let Some(hosts) = self.hosts(&name) else {
+                continue;
+            };
             if hosts.addresses.is_empty() {
                 continue;
             }
             if let Some(i) = provider_of(config, hosts).filter(|_| learned.relay.is_none()) {
-                groups[i].domains.insert(domain.clone(), (Source::Provider, hosts.addresses.clone()));
+                groups[i]
+                    .domains
+                    .insert(domain.clone(), (Source::Provider, hosts.addresses.clone()));
                 continue;
             }
             let group = own_group_name(&name, hosts);
@@ -95,11 +107,17 @@ impl Destinations {
                 addresses: Vec::new(),
                 domains: BTreeMap::new(),
             });
-            entry.domains.insert(domain.clone(), (Source::Learned, hosts.addresses.clone()));
+            entry
+                .domains
+                .insert(domain.clone(), (Source::Learned, hosts.addresses.clone()));
         }
         // A learned destination already inside configured groups needs no group of its own.
         let configured = crate::plan::plan(&groups);
-        own.retain(|_, g| g.domains.values().any(|(_, addrs)| addrs.iter().any(|a| !covered(&configured, *a))));
+        own.retain(|_, g| {
+            g.domains
+                .values()
+                .any(|(_, addrs)| addrs.iter().any(|a| !covered(&configured, *a)))
+        });
         groups.extend(own.into_values());
         groups
     }
@@ -112,14 +130,21 @@ impl Destinations {
             domains: g
                 .domains
                 .iter()
-                .map(|d| (d.clone(), (Source::Domain, self.addresses(&Name::Mail(d.clone())))))
+                .map(|d| {
+                    (
+                        d.clone(),
+                        (Source::Domain, self.addresses(&Name::Mail(d.clone()))),
+                    )
+                })
                 .collect(),
         }
     }
 
     /// Seconds a lookup answer for `name` may be cached.
     pub fn ttl(&self, name: &Name, now: Instant) -> u64 {
-        self.names.get(name).map_or(60, |d| d.refresh_at.saturating_duration_since(now).as_secs().max(1))
+        self.names.get(name).map_or(60, |d| {
+            d.refresh_at.saturating_duration_since(now).as_secs().max(1)
+        })
     }
 }
 
@@ -130,7 +155,11 @@ fn provider_of(config: &Config, hosts: &MailHosts) -> Option<usize> {
     }
     config.groups.iter().position(|g| {
         !g.mx_suffixes.is_empty()
-            && hosts.mx_hosts.iter().all(|h| g.mx_suffixes.iter().any(|s| format!(".{h}").ends_with(s.as_str())))
+            && hosts.mx_hosts.iter().all(|h| {
+                g.mx_suffixes
+                    .iter()
+                    .any(|s| format!(".{h}").ends_with(s.as_str()))
+            })
     })
 }
 
@@ -145,19 +174,46 @@ pub fn covered(plan: &Plan, addr: IpAddr) -> bool {
 fn own_group_name(name: &Name, hosts: &MailHosts) -> String {
     let (prefix, host) = match name {
         Name::Relay(relay) => ("relay-", relay.as_str()),
-        Name::Mail(domain) => ("mx-", hosts.mx_hosts.first().map_or(domain.as_str(), String::as_str)),
+        Name::Mail(domain) => (
+            "mx-",
+            hosts
+                .mx_hosts
+                .first()
+                .map_or(domain.as_str(), String::as_str),
+        ),
     };
-    let digest = fnv(hosts.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",").as_bytes());
+    let digest = fnv(hosts
+        .addresses
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+        .as_bytes());
     let suffix = format!("-{:06x}", digest & 0xff_ffff);
-    let clean: String = host.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
+    let clean: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     let room = crate::config::MAX_GROUP_NAME - prefix.len() - suffix.len();
-    let clean = if clean.len() > room { &clean[clean.len() - room..] } else { clean.as_str() };
+    let clean = if clean.len() > room {
+        &clean[clean.len() - room..]
+    } else {
+        clean.as_str()
+    };
     format!("{prefix}{clean}{suffix}")
 }
 
 /// FNV-1a: a stable, dependency-free digest for naming (not for security).
 fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// When to refresh an answer with this TTL, within the configured bounds.
@@ -180,19 +236,41 @@ mod tests {
     }
 
     fn resolved(d: &mut Destinations, domain: &str, h: MailHosts) {
-        d.names.insert(Name::Mail(domain.into()), Domain { hosts: Some(h), refresh_at: Instant::now(), pending: false });
+        d.names.insert(
+            Name::Mail(domain.into()),
+            Domain {
+                hosts: Some(h),
+                refresh_at: Instant::now(),
+                pending: false,
+            },
+        );
         d.learned.insert(domain.into(), Learned::default());
     }
 
     #[test]
     fn learned_domains_with_the_same_mx_set_share_one_group() {
         let mut d = Destinations::default();
-        resolved(&mut d, "a.example", hosts(&["mx.shared.example"], &["192.0.2.1", "192.0.2.2"]));
-        resolved(&mut d, "b.example", hosts(&["mx.shared.example"], &["192.0.2.2", "192.0.2.1"]));
-        resolved(&mut d, "c.example", hosts(&["mx.other.example"], &["192.0.2.3"]));
+        resolved(
+            &mut d,
+            "a.example",
+            hosts(&["mx.shared.example"], &["192.0.2.1", "192.0.2.2"]),
+        );
+        resolved(
+            &mut d,
+            "b.example",
+            hosts(&["mx.shared.example"], &["192.0.2.2", "192.0.2.1"]),
+        );
+        resolved(
+            &mut d,
+            "c.example",
+            hosts(&["mx.other.example"], &["192.0.2.3"]),
+        );
         let inputs = d.inputs(&Config::default());
         assert_eq!(inputs.len(), 2);
-        let shared = inputs.iter().find(|g| g.domains.contains_key("a.example")).expect("group");
+        let shared = inputs
+            .iter()
+            .find(|g| g.domains.contains_key("a.example"))
+            .expect("group");
         assert!(shared.domains.contains_key("b.example"));
         assert_eq!(shared.limit, Config::default().default_limit);
         assert!(shared.name.starts_with("mx-mx.shared.example-"));
@@ -210,12 +288,27 @@ mod tests {
             line: 1,
         });
         let mut d = Destinations::default();
-        resolved(&mut d, "y.example", hosts(&["mta5.am0.yahoodns.net", "mta6.am0.yahoodns.net"], &["192.0.2.9"]));
-        resolved(&mut d, "z.example", hosts(&["mta5.am0.yahoodns.net", "mx.z.example"], &["192.0.2.10"]));
+        resolved(
+            &mut d,
+            "y.example",
+            hosts(
+                &["mta5.am0.yahoodns.net", "mta6.am0.yahoodns.net"],
+                &["192.0.2.9"],
+            ),
+        );
+        resolved(
+            &mut d,
+            "z.example",
+            hosts(&["mta5.am0.yahoodns.net", "mx.z.example"], &["192.0.2.10"]),
+        );
         let inputs = d.inputs(&config);
         assert!(inputs[0].domains.contains_key("y.example"));
         assert!(!inputs[0].domains.contains_key("z.example"));
-        assert!(inputs.iter().any(|g| g.domains.contains_key("z.example") && g.name.starts_with("mx-")));
+        assert!(
+            inputs
+                .iter()
+                .any(|g| g.domains.contains_key("z.example") && g.name.starts_with("mx-"))
+        );
     }
 
     #[test]

@@ -75,10 +75,21 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
         tracing::info!("mounted bpffs for {}", config.pin_path.display());
     }
     let loaded = kernel::load(&config.pin_path, &cgroup_dir, sizes(&config))?;
-    let verb = if loaded.adopted { "adopted" } else { "attached" };
-    tracing::info!("start: programs {verb} on cgroup {} (pins in {})", cgroup_dir.display(), config.pin_path.display());
+    let verb = if loaded.adopted {
+        "adopted"
+    } else {
+        "attached"
+    };
+    tracing::info!(
+        "start: programs {verb} on cgroup {} (pins in {})",
+        cgroup_dir.display(),
+        config.pin_path.display()
+    );
     if loaded.sizes != sizes(&config) {
-        tracing::warn!("map sizes stay as pinned ({:?}) until `qthrottle unload`", loaded.sizes);
+        tracing::warn!(
+            "map sizes stay as pinned ({:?}) until `qthrottle unload`",
+            loaded.sizes
+        );
     }
     let (resolved_tx, mut resolved_rx) = mpsc::channel(1024);
     let resolver = MailResolver::new(&config.dns.nameservers, config.dns.timeout)
@@ -87,7 +98,10 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
         slots: Slots::adopt(&loaded.maps)?,
         maps: loaded.maps,
         resolver: Arc::new(resolver),
-        dest: Destinations { learned: state::read_learned(&config.state_dir), ..Destinations::default() },
+        dest: Destinations {
+            learned: state::read_learned(&config.state_dir),
+            ..Destinations::default()
+        },
         path,
         explicit,
         config,
@@ -114,7 +128,11 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut refusals = refusals::RefusalLog::default();
-    tracing::info!("ready: {} groups, control socket {}", daemon.limits.len(), daemon.config.socket.display());
+    tracing::info!(
+        "ready: {} groups, control socket {}",
+        daemon.limits.len(),
+        daemon.config.socket.display()
+    );
     loop {
         tokio::select! {
             _ = hangup.recv() => { let _ = daemon.reload().await; }
@@ -152,16 +170,28 @@ impl Daemon {
         };
         for (what, old, new) in [
             ("cgroup", self.config.cgroup.clone(), config.cgroup.clone()),
-            ("pin_path", self.config.pin_path.display().to_string(), config.pin_path.display().to_string()),
-            ("socket", self.config.socket.display().to_string(), config.socket.display().to_string()),
+            (
+                "pin_path",
+                self.config.pin_path.display().to_string(),
+                config.pin_path.display().to_string(),
+            ),
+            (
+                "socket",
+                self.config.socket.display().to_string(),
+                config.socket.display().to_string(),
+            ),
         ] {
             if old != new {
                 tracing::warn!("reload: {what} changed ({old} -> {new}); takes effect on restart");
             }
         }
         let previous = std::mem::replace(&mut self.config, config);
-        let new_names: BTreeSet<Name> =
-            self.dest.wanted(&self.config).into_iter().filter(|n| !self.dest.names.contains_key(n)).collect();
+        let new_names: BTreeSet<Name> = self
+            .dest
+            .wanted(&self.config)
+            .into_iter()
+            .filter(|n| !self.dest.names.contains_key(n))
+            .collect();
         self.resolve_now(new_names).await;
         if let Err(err) = self.apply() {
             tracing::error!("reload failed, previous configuration stays: {err:#}");
@@ -169,7 +199,11 @@ impl Daemon {
             let _ = self.apply();
             return Err(format!("{err:#}"));
         }
-        tracing::info!("reload: {} applied, {} groups", self.path.display(), self.config.groups.len());
+        tracing::info!(
+            "reload: {} applied, {} groups",
+            self.path.display(),
+            self.config.groups.len()
+        );
         Ok(())
     }
 
@@ -192,11 +226,15 @@ impl Daemon {
 
     /// Starts a resolution in the background; its answer comes back to the loop.
     fn resolve_later(&mut self, name: Name) {
-        let entry = self.dest.names.entry(name.clone()).or_insert_with(|| Domain {
-            hosts: None,
-            refresh_at: Instant::now(),
-            pending: false,
-        });
+        let entry = self
+            .dest
+            .names
+            .entry(name.clone())
+            .or_insert_with(|| Domain {
+                hosts: None,
+                refresh_at: Instant::now(),
+                pending: false,
+            });
         if entry.pending {
             return;
         }
@@ -212,10 +250,10 @@ impl Daemon {
     fn resolved(&mut self, name: Name, result: Result<MailHosts, DnsError>) {
         let before = self.dest.addresses(&name);
         self.record(name.clone(), result);
-        if self.dest.addresses(&name) != before {
-            if let Err(err) = self.apply() {
-                tracing::error!("failed to apply new addresses of {}: {err:#}", show(&name));
-            }
+        if self.dest.addresses(&name) != before
+            && let Err(err) = self.apply()
+        {
+            tracing::error!("failed to apply new addresses of {}: {err:#}", show(&name));
         }
         for (domain, reply) in self.waiting.remove(&name).unwrap_or_default() {
             let _ = reply.send(self.answer(&domain, &name));
@@ -225,21 +263,39 @@ impl Daemon {
     /// Stores an answer; a failure keeps the last good one.
     fn record(&mut self, name: Name, result: Result<MailHosts, DnsError>) {
         let now = Instant::now();
-        let entry = self.dest.names.entry(name.clone()).or_insert(Domain { hosts: None, refresh_at: now, pending: false });
+        let entry = self.dest.names.entry(name.clone()).or_insert(Domain {
+            hosts: None,
+            refresh_at: now,
+            pending: false,
+        });
         entry.pending = false;
         match result {
             Ok(hosts) => {
                 entry.refresh_at = now + groups::refresh_after(&self.config, hosts.ttl);
                 if hosts.addresses.is_empty() {
-                    let why = if hosts.null_mx { "null MX" } else if hosts.nxdomain { "no such domain" } else { "no address" };
+                    let why = if hosts.null_mx {
+                        "null MX"
+                    } else if hosts.nxdomain {
+                        "no such domain"
+                    } else {
+                        "no address"
+                    };
                     tracing::info!("dns: {} has no mail address ({why})", show(&name));
                 }
                 entry.hosts = Some(hosts);
             }
             Err(err) => {
                 entry.refresh_at = now + self.config.dns.min_ttl;
-                let kept = if entry.hosts.is_some() { "keeping the last good answer" } else { "no answer yet" };
-                tracing::warn!("dns: failed to resolve {}: {}; {kept}", show(&name), error_chain(&err));
+                let kept = if entry.hosts.is_some() {
+                    "keeping the last good answer"
+                } else {
+                    "no answer yet"
+                };
+                tracing::warn!(
+                    "dns: failed to resolve {}: {}; {kept}",
+                    show(&name),
+                    error_chain(&err)
+                );
             }
         }
     }
@@ -248,7 +304,8 @@ impl Daemon {
     fn apply(&mut self) -> anyhow::Result<()> {
         let inputs = self.dest.inputs(&self.config);
         let plan = plan::plan(&inputs);
-        let limits: BTreeMap<String, u32> = inputs.iter().map(|g| (g.name.clone(), g.limit)).collect();
+        let limits: BTreeMap<String, u32> =
+            inputs.iter().map(|g| (g.name.clone(), g.limit)).collect();
         let globals = Globals {
             ports: self.config.ports.clone(),
             default_limit: self.config.default_limit,
@@ -278,7 +335,12 @@ impl Daemon {
                 .map(|(net, _)| plan::host(*net))
                 .collect();
             let domains: Vec<&str> = g.domains.keys().map(String::as_str).collect();
-            let conflicts = self.plan.groups.get(&g.name).map(|p| p.conflicts.clone()).unwrap_or_default();
+            let conflicts = self
+                .plan
+                .groups
+                .get(&g.name)
+                .map(|p| p.conflicts.clone())
+                .unwrap_or_default();
             let line = format!(
                 "group {} limit={} addresses={} domains={}",
                 g.name,
@@ -294,7 +356,8 @@ impl Daemon {
                 self.logged.insert(g.name.clone(), line);
             }
         }
-        self.logged.retain(|name, _| inputs.iter().any(|g| &g.name == name));
+        self.logged
+            .retain(|name, _| inputs.iter().any(|g| &g.name == name));
     }
 
     async fn handle(&mut self, request: Request, reply: oneshot::Sender<Response>) {
@@ -318,12 +381,20 @@ impl Daemon {
     fn lookup(&mut self, domain: String, relay: Option<String>, reply: oneshot::Sender<Response>) {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
         let relay = relay.map(|r| r.trim_end_matches('.').to_ascii_lowercase());
-        if relay.is_none() {
-            if let Some(g) = self.config.groups.iter().find(|g| g.domains.contains(&domain)) {
-                let ttl = self.dest.ttl(&Name::Mail(domain.clone()), Instant::now());
-                let _ = reply.send(Response::Group { group: g.name.clone(), limit: g.limit, ttl });
-                return;
-            }
+        if relay.is_none()
+            && let Some(g) = self
+                .config
+                .groups
+                .iter()
+                .find(|g| g.domains.contains(&domain))
+        {
+            let ttl = self.dest.ttl(&Name::Mail(domain.clone()), Instant::now());
+            let _ = reply.send(Response::Group {
+                group: g.name.clone(),
+                limit: g.limit,
+                ttl,
+            });
+            return;
         }
         let name = match &relay {
             Some(r) => Name::Relay(r.clone()),
@@ -334,33 +405,53 @@ impl Daemon {
             self.dest.learned.insert(domain.clone(), learned);
             self.state_dirty = true;
         }
-        let known = self.dest.names.get(&name).is_some_and(|d| d.hosts.is_some());
+        let known = self
+            .dest
+            .names
+            .get(&name)
+            .is_some_and(|d| d.hosts.is_some());
         if known {
-            if !self.plan_places(&name) {
-                if let Err(err) = self.apply() {
-                    tracing::error!("failed to place {domain}: {err:#}");
-                }
+            if !self.plan_places(&name)
+                && let Err(err) = self.apply()
+            {
+                tracing::error!("failed to place {domain}: {err:#}");
             }
             let _ = reply.send(self.answer(&domain, &name));
             return;
         }
-        self.waiting.entry(name.clone()).or_default().push((domain, reply));
+        self.waiting
+            .entry(name.clone())
+            .or_default()
+            .push((domain, reply));
         self.resolve_later(name);
     }
 
     /// True when every address of `name` already has a kernel entry.
     fn plan_places(&self, name: &Name) -> bool {
-        self.dest.addresses(name).iter().all(|a| covered(&self.plan, *a))
+        self.dest
+            .addresses(name)
+            .iter()
+            .all(|a| covered(&self.plan, *a))
     }
 
     fn answer(&self, domain: &str, name: &Name) -> Response {
         let addresses = self.dest.addresses(name);
         let Some(first) = addresses.iter().next() else {
-            return Response::Error { message: format!("no mail exchanger address for {domain}") };
+            return Response::Error {
+                message: format!("no mail exchanger address for {domain}"),
+            };
         };
         let group = group_of(&self.plan, *first).unwrap_or_else(|| DEFAULT_NAME.to_string());
-        let limit = self.limits.get(&group).copied().unwrap_or(self.config.default_limit);
-        Response::Group { group, limit, ttl: self.dest.ttl(name, Instant::now()) }
+        let limit = self
+            .limits
+            .get(&group)
+            .copied()
+            .unwrap_or(self.config.default_limit);
+        Response::Group {
+            group,
+            limit,
+            ttl: self.dest.ttl(name, Instant::now()),
+        }
     }
 
     fn tick(&mut self) {
@@ -369,7 +460,12 @@ impl Daemon {
             .dest
             .wanted(&self.config)
             .into_iter()
-            .filter(|n| self.dest.names.get(n).is_none_or(|d| !d.pending && d.refresh_at <= now))
+            .filter(|n| {
+                self.dest
+                    .names
+                    .get(n)
+                    .is_none_or(|d| !d.pending && d.refresh_at <= now)
+            })
             .collect();
         for name in due {
             self.resolve_later(name);
@@ -423,7 +519,11 @@ fn list<T: AsRef<str>>(items: &[T]) -> String {
     if items.is_empty() {
         return "-".into();
     }
-    items.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(",")
+    items
+        .iter()
+        .map(AsRef::as_ref)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

@@ -40,7 +40,11 @@ impl RefusalLog {
             *suppressed += 1;
             return;
         }
-        let more = if *suppressed > 0 { format!(" (+{suppressed} more since last line)") } else { String::new() };
+        let more = if *suppressed > 0 {
+            format!(" (+{suppressed} more since last line)")
+        } else {
+            String::new()
+        };
         tracing::warn!(
             "refused group={} destination={} open={}/{} pid={}{more}",
             name(event.slot),

@@ -2,10 +2,7 @@
 //! JSON request and one JSON response per line. Each connection is served by
 //! its own task; requests go to the daemon's loop, which owns all state.
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-};
+use std::{os::unix::fs::PermissionsExt as _, path::Path};
 
 use anyhow::Context as _;
 use tokio::{
@@ -22,18 +19,21 @@ pub type Call = (Request, oneshot::Sender<Response>);
 /// Binds the socket, replacing a stale one, with mode 0660 and the group set.
 pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         anyhow::bail!("another daemon is listening on {}", path.display());
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("failed to remove stale socket {}", path.display()));
+            return Err(e)
+                .with_context(|| format!("failed to remove stale socket {}", path.display()));
         }
         _ => {}
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("failed to bind {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("failed to bind {}", path.display()))?;
     let gid = match group {
         Some(name) => Some(
             nix::unistd::Group::from_name(name)
@@ -41,7 +41,10 @@ pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
                 .with_context(|| format!("socket_group {name} does not exist"))?
                 .gid,
         ),
-        None => nix::unistd::Group::from_name("qmail").ok().flatten().map(|g| g.gid),
+        None => nix::unistd::Group::from_name("qmail")
+            .ok()
+            .flatten()
+            .map(|g| g.gid),
     };
     nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), gid)
         .with_context(|| format!("failed to chown {}", path.display()))?;
@@ -72,9 +75,13 @@ async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
     while let Ok(Some(line)) = lines.next_line().await {
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => ask(&calls, request).await,
-            Err(err) => Response::Error { message: format!("bad request: {err}") },
+            Err(err) => Response::Error {
+                message: format!("bad request: {err}"),
+            },
         };
-        let Ok(mut text) = serde_json::to_string(&response) else { return };
+        let Ok(mut text) = serde_json::to_string(&response) else {
+            return;
+        };
         text.push('\n');
         if write.write_all(text.as_bytes()).await.is_err() {
             return;
@@ -85,21 +92,35 @@ async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
 async fn ask(calls: &mpsc::Sender<Call>, request: Request) -> Response {
     let (tx, rx) = oneshot::channel();
     if calls.send((request, tx)).await.is_err() {
-        return Response::Error { message: "the daemon is stopping".into() };
+        return Response::Error {
+            message: "the daemon is stopping".into(),
+        };
     }
-    rx.await.unwrap_or(Response::Error { message: "the daemon dropped the request".into() })
+    rx.await.unwrap_or(Response::Error {
+        message: "the daemon dropped the request".into(),
+    })
 }
 
 /// Client side: one request, one response (for the CLI).
-pub fn request(path: &Path, request: &Request, timeout: std::time::Duration) -> anyhow::Result<Response> {
+pub fn request(
+    path: &Path,
+    request: &Request,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Response> {
     use std::io::{BufRead as _, Write as _};
     let mut stream = std::os::unix::net::UnixStream::connect(path)
         .with_context(|| format!("failed to connect to the daemon at {}", path.display()))?;
-    stream.set_read_timeout(Some(timeout)).context("failed to set a timeout")?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .context("failed to set a timeout")?;
     let mut text = serde_json::to_string(request).context("failed to encode the request")?;
     text.push('\n');
-    stream.write_all(text.as_bytes()).context("failed to send the request")?;
+    stream
+        .write_all(text.as_bytes())
+        .context("failed to send the request")?;
     let mut line = String::new();
-    std::io::BufReader::new(stream).read_line(&mut line).context("failed to read the daemon's answer")?;
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .context("failed to read the daemon's answer")?;
     serde_json::from_str(&line).context("failed to decode the daemon's answer")
 }

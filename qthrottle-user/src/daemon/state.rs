@@ -48,7 +48,15 @@ impl State {
     ) -> Self {
         let mut groups: BTreeMap<String, GroupState> = limits
             .iter()
-            .map(|(name, limit)| (name.clone(), GroupState { limit: *limit, ..GroupState::default() }))
+            .map(|(name, limit)| {
+                (
+                    name.clone(),
+                    GroupState {
+                        limit: *limit,
+                        ..GroupState::default()
+                    },
+                )
+            })
             .collect();
         for (name, p) in &plan.groups {
             if let Some(g) = groups.get_mut(name) {
@@ -59,23 +67,35 @@ impl State {
             Name::Mail(domain) => Some((domain, d)),
             Name::Relay(_) => None,
         }) {
-            let addrs = domain.hosts.as_ref().map(|h| h.addresses.clone()).unwrap_or_default();
+            let addrs = domain
+                .hosts
+                .as_ref()
+                .map(|h| h.addresses.clone())
+                .unwrap_or_default();
             let group = addrs.iter().next().and_then(|a| super::group_of(plan, *a));
             if let Some(g) = group.and_then(|g| groups.get_mut(&g)) {
                 g.domains.insert(name.clone(), addrs);
             }
         }
-        Self { groups, deliveries: deliveries.clone(), learned: dest.learned.clone() }
+        Self {
+            groups,
+            deliveries: deliveries.clone(),
+            learned: dest.learned.clone(),
+        }
     }
 
     /// Writes the file atomically (temporary file, then rename).
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
         let tmp = dir.join(format!(".{FILE}.tmp"));
         let text = serde_json::to_vec_pretty(self).context("failed to encode state")?;
-        let mut file = std::fs::File::create(&tmp).with_context(|| format!("failed to create {}", tmp.display()))?;
-        file.write_all(&text).with_context(|| format!("failed to write {}", tmp.display()))?;
-        std::fs::rename(&tmp, path(dir)).with_context(|| format!("failed to replace {}", path(dir).display()))
+        let mut file = std::fs::File::create(&tmp)
+            .with_context(|| format!("failed to create {}", tmp.display()))?;
+        file.write_all(&text)
+            .with_context(|| format!("failed to write {}", tmp.display()))?;
+        std::fs::rename(&tmp, path(dir))
+            .with_context(|| format!("failed to replace {}", path(dir).display()))
     }
 
     /// Reads the file; `None` when there is none.
