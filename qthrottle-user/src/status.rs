@@ -33,6 +33,9 @@ pub struct Row {
     pub conflicts: Vec<String>,
     /// Removed from the configuration, kept until its connections close.
     pub draining: bool,
+    /// Kernel event counters, on the `(default)` row only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_events: Option<Events>,
 }
 
 /// Kernel event counters that are not per group.
@@ -80,11 +83,9 @@ pub fn collect(config: &Config) -> anyhow::Result<(Vec<Row>, Events)> {
             addresses: addresses.remove(&slot).unwrap_or_default(),
             conflicts: known.map(|k| k.conflicts.clone()).unwrap_or_default(),
             draining: g.state == SLOT_DRAINING,
+            kernel_events: None,
             name,
         });
-    }
-    if let Some(default) = rows.iter_mut().find(|r| r.name == DEFAULT_NAME) {
-        default.addresses = open_addresses(&maps)?;
     }
     let stat = |i: u32| maps.stats.get(&i, 0).unwrap_or(0);
     let events = Events {
@@ -92,6 +93,10 @@ pub fn collect(config: &Config) -> anyhow::Result<(Vec<Row>, Events)> {
         events_lost: stat(STAT_EVENTS_LOST),
         retargeted: stat(STAT_RETARGETED),
     };
+    if let Some(default) = rows.iter_mut().find(|r| r.name == DEFAULT_NAME) {
+        default.addresses = open_addresses(&maps)?;
+        default.kernel_events = Some(events.clone());
+    }
     Ok((rows, events))
 }
 

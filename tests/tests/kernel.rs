@@ -1010,3 +1010,49 @@ fn ungrouped_counts_hold_under_contention() -> Result<()> {
     assert_no_wrapped(&env)?;
     Ok(())
 }
+
+/// When the kernel's table of counted connections is full, a connect is let
+/// through uncounted by default (`map_full = "open"`), refused with
+/// `map_full = "closed"`, and every such event is counted in status.
+#[test]
+fn full_connection_table_fails_open_or_closed_and_is_counted() -> Result<()> {
+    root_or_skip!("full_connection_table_fails_open_or_closed_and_is_counted");
+    let env = Setup::new(125)
+        .group(Group::new("roomy", 5).address("127.0.125.1"))
+        .build()?;
+    let base = env.config_text();
+    // One entry: the second open connection cannot be recorded.
+    env.write_config_text(&base.replacen("ports = ", "max_connections = 1\nports = ", 1))?;
+    let a = env.addr(1);
+    let _listener = Listener::start((a, 25))?;
+    let _daemon = Daemon::start(&env)?;
+    let mut probe = Probe::in_cgroup(&env)?;
+    probe.connect_ok(a, 25)?;
+    probe.connect_ok(a, 25)?;
+    let s = status_when(&env, "roomy", |s| s.open == 1)?;
+    assert_eq!(s.open, 1, "only the recorded connection is counted: {s:?}");
+    assert_eq!(map_full_events(&env)?, 1);
+    let closed = base.replacen(
+        "ports = ",
+        "max_connections = 1\nmap_full = \"closed\"\nports = ",
+        1,
+    );
+    env.write_config_text(&closed)?;
+    assert_eq!(env.control(&json!({"op": "reload"}))?["status"], "ok");
+    refused(&mut probe, a, 25, "table full with map_full = closed")?;
+    assert_eq!(map_full_events(&env)?, 2);
+    Ok(())
+}
+
+/// The kernel's map-full counter, from the `(default)` row of status.
+fn map_full_events(env: &TestEnv) -> Result<u64> {
+    let out = env.cli(&["status", "--json"])?;
+    let rows: serde_json::Value = serde_json::from_str(&out.stdout)?;
+    let default = rows
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == "(default)"))
+        .context("no (default) row in status")?;
+    default["kernel_events"]["map_full"]
+        .as_u64()
+        .context("no map_full counter in status")
+}

@@ -96,14 +96,20 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         .build()
         .context("failed to start the event loop")?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
+    let workers = local.block_on(&runtime, async move {
         let (events, incoming) = unbounded_channel::<Event>();
         let (reports, outgoing) = unbounded_channel();
         let writer = tokio::task::spawn_local(stdio::write_reports(outgoing));
         tokio::task::spawn_local(stdio::read_commands(events.clone()));
-        server::serve(settings, events, incoming, reports).await;
+        let workers = server::serve(settings, events, incoming, reports).await;
         let _ = writer.await;
+        workers
     });
+    drop(local);
+    drop(runtime);
+    for mut worker in workers {
+        let _ = worker.wait();
+    }
     Ok(())
 }
 
