@@ -5,5 +5,4 @@ pub mod dns;
 pub mod env;
 pub mod listener;
 pub mod probe;
-pub mod rspawn;
 pub mod smtp;
