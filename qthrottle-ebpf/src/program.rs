@@ -8,7 +8,7 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{BPF_RB_NO_WAKEUP, bpf_sock_addr},
     btf_maps::{Array, LpmTrie, RingBuf},
     helpers::generated::{bpf_get_current_pid_tgid, bpf_get_socket_cookie},
     macros::{btf_map, cgroup_sock, cgroup_sock_addr},
@@ -52,6 +52,27 @@ static QT_EVENTS: RingBuf<RefusalEvent, 65536> = RingBuf::new();
 
 #[cgroup_sock_addr(connect4)]
 pub fn qthrottle_connect4(ctx: SockAddrContext) -> i32 {
+    // user_ip4 holds the address in network order: its bytes in memory are the octets.
+    connect(&ctx, |sa| ipv4_mapped(sa.user_ip4.to_ne_bytes()))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn qthrottle_connect6(ctx: SockAddrContext) -> i32 {
+    // The verifier only allows 4-byte reads of user_ip6. An IPv4-mapped
+    // address needs no special case: IPv4 is keyed in its mapped form.
+    connect(&ctx, |sa| {
+        let mut addr = [0u8; 16];
+        for (chunk, word) in addr.chunks_exact_mut(4).zip(sa.user_ip6) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        addr
+    })
+}
+
+/// The one connect path of both families: TCP to a limited port is
+/// accounted, anything else passes untouched.
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, destination: impl Fn(&bpf_sock_addr) -> Address) -> i32 {
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
     let sa = unsafe { &*ctx.sock_addr };
     if sa.type_ != SOCK_STREAM {
@@ -61,36 +82,7 @@ pub fn qthrottle_connect4(ctx: SockAddrContext) -> i32 {
     if !port_limited(port) {
         return ALLOW;
     }
-    // user_ip4 holds the address in network order: its bytes in memory are the octets.
-    account(&ctx, &ipv4_mapped(sa.user_ip4.to_ne_bytes()), port)
-}
-
-#[cgroup_sock_addr(connect6)]
-pub fn qthrottle_connect6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: as in connect4.
-    let sa = unsafe { &*ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return ALLOW;
-    }
-    let port = u16::from_be(sa.user_port as u16);
-    if !port_limited(port) {
-        return ALLOW;
-    }
-    // The verifier only allows 4-byte reads of user_ip6. An IPv4-mapped
-    // address needs no special case: IPv4 is keyed in its mapped form.
-    let mut addr = [0u8; 16];
-    for (i, word) in [
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    ]
-    .iter()
-    .enumerate()
-    {
-        addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    account(&ctx, &addr, port)
+    account(ctx, &destination(sa), port)
 }
 
 #[cgroup_sock(sock_release)]
