@@ -78,7 +78,12 @@ pub fn test(cargo_args: &[String]) -> anyhow::Result<ExitCode> {
         .args(test_packages(cargo_args))
         .args(cargo_args);
     workspace.test_env(&mut test);
-    Ok(process::exit_code(process::status(&mut test)?))
+    let (status, tally) = process::test_status(&mut test)?;
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.ignored
+    );
+    Ok(process::exit_code(status))
 }
 
 /// `cargo xtask bench`: builds everything and runs one benchmark program.
