@@ -51,7 +51,10 @@ pub const SOCKET_PROBES: u32 = 8;
 pub const STAT_MAP_FULL: u32 = 0;
 pub const STAT_EVENTS_LOST: u32 = 1;
 pub const STAT_RETARGETED: u32 = 2;
-pub const STAT_COUNT: u32 = 3;
+/// A gauge, not an event count: counted sockets whose entry lies in the
+/// second run of [`MAP_SOCKETS`] (its first run was full).
+pub const STAT_DISPLACED: u32 = 3;
+pub const STAT_COUNT: u32 = 4;
 
 /// [`SocketSlot::kind`] values.
 pub const COUNTED_NONE: u32 = 0;

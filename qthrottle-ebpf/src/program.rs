@@ -17,8 +17,9 @@ use aya_ebpf::{
 };
 use qthrottle_common::{
     Address, COUNTED_ADDRESS, COUNTED_GROUP, COUNTED_NONE, Counters, DEFAULT_SLOT, Destination,
-    FLAG_FAIL_CLOSED, GroupSlot, RefusalEvent, SOCKET_PROBES, STAT_COUNT, STAT_EVENTS_LOST,
-    STAT_MAP_FULL, STAT_RETARGETED, Settings, SocketSlot, address_bucket, ipv4_mapped,
+    FLAG_FAIL_CLOSED, GroupSlot, RefusalEvent, SOCKET_PROBES, STAT_COUNT, STAT_DISPLACED,
+    STAT_EVENTS_LOST, STAT_MAP_FULL, STAT_RETARGETED, Settings, SocketSlot, address_bucket,
+    ipv4_mapped,
 };
 
 /// Let the connect proceed.
@@ -89,13 +90,16 @@ fn connect(ctx: &SockAddrContext, destination: impl Fn(&bpf_sock_addr) -> Addres
 pub fn qthrottle_release(ctx: SockContext) -> i32 {
     // SAFETY: for cgroup_sock programs the helper takes the context itself.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-    let entry = find_socket(cookie);
+    let (entry, displaced) = find_socket(cookie);
     if !entry.is_null() {
         // SAFETY: this socket's entry, which only its own release touches now.
         let counted = unsafe { &mut *entry };
         give_back(counted);
         // Free the entry last, once nothing reads it any more.
         counted.cookie = 0;
+        if displaced {
+            unstat(STAT_DISPLACED);
+        }
     }
     ALLOW
 }
@@ -136,7 +140,7 @@ fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
     };
     // SAFETY: the helper takes the sock_addr context as it is.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let existing = find_socket(cookie);
+    let (existing, _) = find_socket(cookie);
     if !existing.is_null() {
         // SAFETY: non-null storage of the socket being connected; the socket
         // lock is held during connect.
@@ -176,7 +180,7 @@ fn record(cookie: u64, existing: *mut SocketSlot, target: Target, addr: &Address
         addr: *addr,
     };
     let entry = if existing.is_null() {
-        claim_socket(cookie)
+        claim_socket(cookie).0
     } else {
         existing
     };
@@ -193,41 +197,76 @@ fn record(cookie: u64, existing: *mut SocketSlot, target: Target, addr: &Address
 /// Counted sockets live in an array used as an open-addressing table keyed
 /// by socket cookie. Array lookups are inlined by the verifier and need no
 /// lock or allocation; socket-local storage or a hash map cost three to four
-/// times as much per counted connect. Cookies come from a counter, so the
-/// first probe nearly always finds the entry.
+/// times as much per counted connect.
 #[inline(always)]
 fn socket_mask() -> u32 {
     QT_SETTINGS.get(0).map_or(0, |s| s.socket_mask)
 }
 
-/// The entry of a socket that holds a slot, or null.
+/// A socket's entry is first looked for in the run starting at its cookie
+/// (cookies come from a counter, so neighbouring sockets share cache lines:
+/// the common case touches memory that is already hot), then, if that run is
+/// full, in a run starting at a hash of its cookie. Without the second run, a
+/// block of long-lived sockets would stop every later cookie that wraps onto
+/// it. A gauge counts entries in second runs, so that while there are none,
+/// the release of a socket that was never counted skips that search.
 #[inline(always)]
-fn find_socket(cookie: u64) -> *mut SocketSlot {
+fn first_run(cookie: u64) -> u32 {
+    cookie as u32
+}
+
+#[inline(always)]
+fn second_run(cookie: u64) -> u32 {
+    (cookie.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32
+}
+
+/// The entry of a socket that holds a slot (null if none), and whether it
+/// lies in its second run.
+#[inline(always)]
+fn find_socket(cookie: u64) -> (*mut SocketSlot, bool) {
     let mask = socket_mask();
-    for probe in 0..SOCKET_PROBES {
-        let index = (cookie as u32).wrapping_add(probe) & mask;
-        match QT_SOCKETS.get_ptr_mut(index) {
-            // SAFETY: array values are stable; the cookie is written atomically.
-            Some(e) if unsafe { (*e).cookie } == cookie => return e,
-            Some(_) => {}
-            None => break,
-        }
+    let found = probe_for(first_run(cookie), mask, cookie, cookie);
+    if !found.is_null() || stat_value(STAT_DISPLACED) == 0 {
+        return (found, false);
     }
-    ptr::null_mut()
+    let found = probe_for(second_run(cookie), mask, cookie, cookie);
+    (found, !found.is_null())
 }
 
 /// Takes a free entry for `cookie` with a compare-and-swap, or null when
-/// every entry within reach is taken.
+/// both runs are full; true when it is in the second run.
 #[inline(always)]
-fn claim_socket(cookie: u64) -> *mut SocketSlot {
+fn claim_socket(cookie: u64) -> (*mut SocketSlot, bool) {
     let mask = socket_mask();
+    let entry = probe_for(first_run(cookie), mask, 0, cookie);
+    if !entry.is_null() {
+        return (entry, false);
+    }
+    let entry = probe_for(second_run(cookie), mask, 0, cookie);
+    if !entry.is_null() {
+        stat(STAT_DISPLACED);
+    }
+    (entry, !entry.is_null())
+}
+
+/// Walks a run of [`SOCKET_PROBES`] entries from `start` for one whose
+/// cookie is `want`; with `want` 0 it claims the first free one for `cookie`.
+#[inline(always)]
+fn probe_for(start: u32, mask: u32, want: u64, cookie: u64) -> *mut SocketSlot {
     for probe in 0..SOCKET_PROBES {
-        let index = (cookie as u32).wrapping_add(probe) & mask;
-        let Some(e) = QT_SOCKETS.get_ptr_mut(index) else {
+        let Some(e) = QT_SOCKETS.get_ptr_mut(start.wrapping_add(probe) & mask) else {
             break;
         };
-        // SAFETY: array values are stable; entries are claimed only by CAS.
-        if unsafe { cas(&raw mut (*e).cookie, 0, cookie) } {
+        // SAFETY: array values are stable; cookies are written atomically,
+        // and entries are claimed only by compare-and-swap.
+        let hit = unsafe {
+            if want == 0 {
+                cas(&raw mut (*e).cookie, 0, cookie)
+            } else {
+                (*e).cookie == want
+            }
+        };
+        if hit {
             return e;
         }
     }
@@ -369,6 +408,22 @@ fn port_limited(port: u16) -> bool {
     QT_PORTS
         .get(u32::from(port >> 6))
         .is_some_and(|word| (*word >> (port & 63)) & 1 == 1)
+}
+
+/// Current value of a [`QT_STATS`] entry.
+#[inline(always)]
+fn stat_value(index: u32) -> u64 {
+    // SAFETY: array values are stable; a plain read of a counter.
+    QT_STATS.get_ptr(index).map_or(0, |c| unsafe { *c })
+}
+
+/// Takes one back from a gauge in [`QT_STATS`].
+#[inline(always)]
+fn unstat(index: u32) {
+    if let Some(c) = QT_STATS.get_ptr_mut(index) {
+        // SAFETY: array values are stable; atomics only.
+        unsafe { sub(c, 1) };
+    }
 }
 
 #[inline(always)]

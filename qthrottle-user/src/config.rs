@@ -308,16 +308,16 @@ pub fn list_groups(path: &Path, explicit: bool) -> Result<Vec<GroupConfig>, Conf
 }
 
 /// The built-in default with the path settings (`cgroup`, `pin_path`,
-/// `socket`, `state_dir`) taken from `path` wherever they are readable, for
-/// commands that must work while the file has errors elsewhere.
-pub fn paths_of(path: &Path) -> Config {
+/// `socket`, `state_dir`) taken from `path`, for commands that must work
+/// while the file has errors elsewhere. `None` when the file is not even
+/// TOML: its paths cannot be known, and the defaults may name another
+/// instance.
+pub fn paths_of(path: &Path) -> Option<Config> {
     let mut config = Config::default();
-    let Some(table) = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|t| t.parse::<toml::Table>().ok())
-    else {
-        return config;
-    };
+    let table = std::fs::read_to_string(path)
+        .ok()?
+        .parse::<toml::Table>()
+        .ok()?;
     let text = |key: &str| {
         table
             .get(key)
@@ -336,5 +336,5 @@ pub fn paths_of(path: &Path) -> Config {
             *slot = PathBuf::from(value);
         }
     }
-    config
+    Some(config)
 }

@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, LpmTrie, Map, MapData, MapInfo, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr,
+        CgroupAttachMode, Program,
         links::{FdLink, PinnedLink},
         loaded_programs,
     },
@@ -60,6 +60,45 @@ pub struct Maps {
     pub stats: Array<MapData, u64>,
 }
 
+impl Sizes {
+    /// The sizes as created: tables indexed with a mask are powers of two.
+    pub fn rounded(self) -> Self {
+        Sizes {
+            connections: self.connections.next_power_of_two(),
+            addresses: self.addresses.next_power_of_two(),
+            ..self
+        }
+    }
+}
+
+/// The loaded programs; dropping them leaves the pinned links attached.
+pub struct Programs(Ebpf);
+
+impl Programs {
+    /// Attaches the programs to a cgroup made anew, replacing the pinned
+    /// links of the cgroup that was removed.
+    pub fn reattach(&mut self, cgroup_dir: &Path, pin_dir: &Path) -> anyhow::Result<()> {
+        let cgroup = File::open(cgroup_dir)
+            .with_context(|| format!("failed to open cgroup {}", cgroup_dir.display()))?;
+        for (name, link_file) in PROGRAMS {
+            let pin = pin_dir.join(link_file);
+            match std::fs::remove_file(&pin) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("failed to remove {}", pin.display()));
+                }
+                _ => {}
+            }
+            let program = self
+                .0
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?;
+            attach_new(program, &cgroup, &pin)
+                .with_context(|| format!("failed to attach {name}"))?;
+        }
+        Ok(())
+    }
+}
+
 /// Programs attached and maps ready, as the daemon holds them.
 pub struct Loaded {
     pub maps: Maps,
@@ -68,8 +107,7 @@ pub struct Loaded {
     pub adopted: bool,
     /// Sizes in force: those of the pinned maps when they already existed.
     pub sizes: Sizes,
-    // Owns the loaded programs; dropping it leaves the pinned links attached.
-    _ebpf: Ebpf,
+    pub programs: Programs,
 }
 
 impl Maps {
@@ -141,13 +179,7 @@ pub fn load(pin_dir: &Path, cgroup_dir: &Path, wanted: Sizes) -> anyhow::Result<
     }
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("failed to create pin directory {}", pin_dir.display()))?;
-    // The socket and address tables are indexed with a mask: powers of two.
-    let wanted = Sizes {
-        connections: wanted.connections.next_power_of_two(),
-        addresses: wanted.addresses.next_power_of_two(),
-        ..wanted
-    };
-    let sizes = pinned_sizes(pin_dir).unwrap_or(wanted);
+    let sizes = pinned_sizes(pin_dir).unwrap_or(wanted.rounded());
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .map_max_entries(MAP_GROUPS, sizes.groups)
@@ -172,7 +204,7 @@ pub fn load(pin_dir: &Path, cgroup_dir: &Path, wanted: Sizes) -> anyhow::Result<
         events,
         adopted,
         sizes,
-        _ebpf: ebpf,
+        programs: Programs(ebpf),
     })
 }
 
@@ -182,11 +214,10 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File, link_pin: &Path) -> anyhow
     let program = ebpf
         .program_mut(name)
         .with_context(|| format!("program {name} missing"))?;
-    let is_sock_addr = matches!(program, aya::programs::Program::CgroupSockAddr(_));
-    if is_sock_addr {
-        <&mut CgroupSockAddr>::try_from(&mut *program)?.load()?;
-    } else {
-        <&mut CgroupSock>::try_from(&mut *program)?.load()?;
+    match program {
+        Program::CgroupSockAddr(prog) => prog.load()?,
+        Program::CgroupSock(prog) => prog.load()?,
+        _ => bail!("program {name} is of an unexpected type"),
     }
     if link_pin.exists() {
         let prog_fd = program.fd()?.as_fd();
@@ -197,19 +228,27 @@ fn attach(ebpf: &mut Ebpf, name: &str, cgroup: &File, link_pin: &Path) -> anyhow
                 .with_context(|| format!("failed to remove stale link {}", link_pin.display()))?,
         }
     }
+    attach_new(program, cgroup, link_pin)?;
+    Ok(false)
+}
+
+/// Attaches a loaded program with a new link and pins the link.
+fn attach_new(program: &mut Program, cgroup: &File, link_pin: &Path) -> anyhow::Result<()> {
     // Links on a cgroup always allow other programs beside them; the kernel
     // refuses attach flags on link creation, hence Single (no flags).
-    let link = if is_sock_addr {
-        let prog = <&mut CgroupSockAddr>::try_from(&mut *program)?;
-        let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
-        FdLink::try_from(prog.take_link(id)?)?
-    } else {
-        let prog = <&mut CgroupSock>::try_from(&mut *program)?;
-        let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
-        FdLink::try_from(prog.take_link(id)?)?
+    let link = match program {
+        Program::CgroupSockAddr(prog) => {
+            let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
+            FdLink::try_from(prog.take_link(id)?)?
+        }
+        Program::CgroupSock(prog) => {
+            let id = prog.attach(cgroup, CgroupAttachMode::Single)?;
+            FdLink::try_from(prog.take_link(id)?)?
+        }
+        _ => bail!("unexpected program type"),
     };
     link.pin(link_pin)?;
-    Ok(false)
+    Ok(())
 }
 
 /// Switches the pinned link at `link_pin` to run `prog` (BPF_LINK_UPDATE):

@@ -117,6 +117,11 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Rspawn) {
         return rspawn_main();
     }
+    if !matches!(cli.command, Command::Daemon(_)) {
+        // `qthrottle status | head` should end quietly, as other tools do.
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,6 +171,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => show_status(&paths(&config)?, json),
         Command::Limit(cmd) => limit(cmd),
         Command::Exec { config, command } => exec(&paths(&config)?, &command),
+        Command::Attach { pid: 0, .. } => bail!("process id 0 is not a process"),
         Command::Attach { pid, config } => {
             let dir = cgroup::resolve(&paths(&config)?.cgroup)?;
             cgroup::attach(&dir, pid)?;
@@ -190,11 +196,14 @@ fn paths(arg: &ConfigArg) -> anyhow::Result<Config> {
     match config::load(&path, explicit) {
         Ok(config) => Ok(config),
         Err(err @ config::ConfigError::Invalid { .. }) => {
+            let Some(config) = config::paths_of(&path) else {
+                return Err(err.into());
+            };
             eprintln!("qthrottle: warning: {err}");
             eprintln!(
                 "qthrottle: warning: using the paths that file names; the daemon keeps its last good configuration"
             );
-            Ok(config::paths_of(&path))
+            Ok(config)
         }
         Err(err) => Err(err.into()),
     }
@@ -327,6 +336,12 @@ fn exec(config: &Config, command: &[OsString]) -> anyhow::Result<()> {
 
 fn unload(config: &Config) -> anyhow::Result<()> {
     require_root("unload")?;
+    if std::os::unix::net::UnixStream::connect(&config.socket).is_ok() {
+        bail!(
+            "the daemon is running (control socket {}): stop it first, or it would go on thinking limits are enforced",
+            config.socket.display()
+        );
+    }
     let removed = kernel::unload(&config.pin_path)?;
     println!(
         "removed {} pinned objects from {}",

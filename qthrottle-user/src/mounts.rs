@@ -79,40 +79,31 @@ fn mount_of<'a>(all: &'a [Mount], path: &Path) -> Option<&'a Mount> {
 }
 
 /// Makes sure `pin_dir` lies on a bpf filesystem, mounting one at
-/// /sys/fs/bpf (or at the pin directory's parent) when none is there.
-/// Returns true when it mounted one.
+/// /sys/fs/bpf when the pin directory is under it and nothing is mounted
+/// there. Returns true when it mounted one. A pin directory elsewhere must
+/// already be on bpffs: mounting over an arbitrary parent would hide it.
 pub fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<bool> {
     let all = mounts()?;
     if mount_of(&all, pin_dir).is_some_and(|m| m.fstype == "bpf") {
         return Ok(false);
     }
     let default = Path::new("/sys/fs/bpf");
-    let target = if pin_dir.starts_with(default) {
-        default
-    } else {
-        pin_dir
-            .parent()
-            .context("pin path has no parent directory")?
-    };
-    if mount_of(&all, target).is_some_and(|m| m.point == target && m.fstype != "bpf") {
+    if !pin_dir.starts_with(default) {
         bail!(
-            "{} is already a {} mount, not bpf",
-            target.display(),
-            mount_of(&all, target).map_or("", |m| &m.fstype)
+            "pin_path {} is not on a bpf filesystem: put it under /sys/fs/bpf or mount bpffs there first",
+            pin_dir.display()
         );
     }
-    std::fs::create_dir_all(target)
-        .with_context(|| format!("failed to create {}", target.display()))?;
-    nix::mount::mount(
-        Some("bpf"),
-        target,
-        Some("bpf"),
-        nix::mount::MsFlags::MS_NOSUID
-            | nix::mount::MsFlags::MS_NODEV
-            | nix::mount::MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .with_context(|| format!("failed to mount bpffs on {}", target.display()))?;
+    if let Some(m) = all.iter().find(|m| m.point == default) {
+        bail!("{} is a {} mount, not bpf", default.display(), m.fstype);
+    }
+    std::fs::create_dir_all(default)
+        .with_context(|| format!("failed to create {}", default.display()))?;
+    let flags = nix::mount::MsFlags::MS_NOSUID
+        | nix::mount::MsFlags::MS_NODEV
+        | nix::mount::MsFlags::MS_NOEXEC;
+    nix::mount::mount(Some("bpf"), default, Some("bpf"), flags, None::<&str>)
+        .with_context(|| format!("failed to mount bpffs on {}", default.display()))?;
     Ok(true)
 }
 

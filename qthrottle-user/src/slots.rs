@@ -39,6 +39,8 @@ pub struct Slots {
     active: BTreeMap<String, u32>,
     draining: BTreeMap<u32, String>,
     capacity: u32,
+    /// Size of the kernel's destination table.
+    destinations: u32,
 }
 
 /// What an apply changed, for the log.
@@ -52,9 +54,10 @@ pub struct Changes {
 
 impl Slots {
     /// Reads the slots the kernel already has (a restarted daemon keeps them).
-    pub fn adopt(maps: &Maps) -> anyhow::Result<Self> {
+    pub fn adopt(maps: &Maps, destinations: u32) -> anyhow::Result<Self> {
         let mut slots = Slots {
             capacity: maps.groups.len(),
+            destinations,
             ..Slots::default()
         };
         for slot in 1..slots.capacity {
@@ -106,6 +109,13 @@ impl Slots {
                 "{} groups do not fit in the kernel's group table of {} (max_groups)",
                 limits.len(),
                 self.capacity - 1
+            );
+        }
+        if plan.entries.len() as u64 > u64::from(self.destinations) {
+            bail!(
+                "{} addresses and ranges do not fit in the kernel's destination table of {} (max_destinations)",
+                plan.entries.len(),
+                self.destinations
             );
         }
         write_globals(maps, globals)?;

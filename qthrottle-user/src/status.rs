@@ -49,7 +49,11 @@ pub struct Events {
 /// Reads everything `status` shows.
 pub fn collect(config: &Config) -> anyhow::Result<(Vec<Row>, Events)> {
     let maps = Maps::open_pinned(&config.pin_path)?;
-    let state = State::read(&config.state_dir)?.unwrap_or_default();
+    let state = State::read(&config.state_dir).unwrap_or_else(|err| {
+        eprintln!("qthrottle: warning: {err:#}; showing the kernel's counters only");
+        None
+    });
+    let state = state.unwrap_or_default();
     let mut addresses: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for (net, slot) in slots::destinations(&maps)? {
         addresses.entry(slot).or_default().push(host(net));

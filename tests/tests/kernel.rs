@@ -1056,3 +1056,51 @@ fn map_full_events(env: &TestEnv) -> Result<u64> {
         .as_u64()
         .context("no map_full counter in status")
 }
+
+/// Hundreds of long-lived connections take a block of neighbouring entries in
+/// the kernel's table of counted sockets; a flood of short connections whose
+/// cookies wrap onto that block must still find room (no map-full event, so
+/// nothing goes through uncounted) and the flooded group's limit must hold.
+#[test]
+fn long_lived_connections_do_not_fill_the_socket_table() -> Result<()> {
+    root_or_skip!("long_lived_connections_do_not_fill_the_socket_table");
+    let env = Setup::new(126)
+        .group(Group::new("held", 1000).address("127.0.126.1"))
+        .group(Group::new("busy", 2).address("127.0.126.2"))
+        .build()?;
+    let (held, busy) = (env.addr(1), env.addr(2));
+    let _held_listener = Listener::start((held, 25))?;
+    let listener = Listener::start((busy, 25))?;
+    let _daemon = Daemon::start(&env)?;
+    let mut holder = Probe::in_cgroup(&env)?;
+    connect_all(&mut holder, held, 25, 300)?;
+    let mut probes: Vec<Probe> = (0..8)
+        .map(|_| Probe::in_cgroup(&env))
+        .collect::<Result<_>>()?;
+    for probe in &mut probes {
+        probe.start_loop(busy, 25, 4.0, LoopMode::Wait)?;
+    }
+    let mut total = qthrottle_tests::probe::LoopCounts::default();
+    for probe in &mut probes {
+        let counts = probe.finish_loop(Duration::from_secs(120))?;
+        total.ok += counts.ok;
+        total.eperm += counts.eperm;
+    }
+    eprintln!(
+        "with 300 held: {total:?}, listener max {}",
+        listener.max_open()
+    );
+    assert!(
+        listener.max_open() <= 2,
+        "listener saw {} at once",
+        listener.max_open()
+    );
+    assert_eq!(
+        map_full_events(&env)?,
+        0,
+        "the table reported full while nearly empty"
+    );
+    let s = status_when(&env, "held", |s| s.open == 300)?;
+    assert_eq!(s.open, 300);
+    Ok(())
+}

@@ -29,6 +29,9 @@ pub struct Domain {
 pub struct Learned {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
+    /// When a delivery last asked about it (seconds since the epoch).
+    #[serde(default)]
+    pub last_used: u64,
 }
 
 /// What resolution a tracked name needs: a mail domain's MX set, or a relay

@@ -36,6 +36,9 @@ use groups::{Destinations, Domain, Learned, Name};
 
 pub use groups::covered;
 
+/// How long a learned domain is kept without a delivery asking about it.
+const LEARNED_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A finished resolution, sent back to the loop.
 type Resolved = (Name, Result<MailHosts, DnsError>);
 
@@ -65,16 +68,26 @@ struct Daemon {
     state_dirty: bool,
     /// Sizes of the kernel tables in force.
     sizes: Sizes,
+    programs: kernel::Programs,
+    cgroup: Cgroup,
+    /// Learned groups left out because the group table is full.
+    trimmed: usize,
 }
 
 async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
+    // Signals first: a SIGHUP during the first resolutions must not kill us.
+    let mut hangup = signal(SignalKind::hangup()).context("failed to handle SIGHUP")?;
+    let mut term = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let config = config::load(&path, explicit)?;
-    let cgroup_dir = cgroup::resolve(&config.cgroup)?;
-    cgroup::create(&cgroup_dir)?;
+    // The socket before anything else: a second daemon must stop here,
+    // before it touches the kernel's tables.
+    let listener = socket::bind(&config.socket, config.socket_group.as_deref())?;
+    let cgroup = Cgroup::new(&config.cgroup)?;
     if mounts::ensure_bpffs(&config.pin_path)? {
         tracing::info!("mounted bpffs for {}", config.pin_path.display());
     }
-    let loaded = kernel::load(&config.pin_path, &cgroup_dir, sizes(&config))?;
+    let loaded = kernel::load(&config.pin_path, &cgroup.dir, sizes(&config))?;
     let verb = if loaded.adopted {
         "adopted"
     } else {
@@ -82,10 +95,10 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
     };
     tracing::info!(
         "start: programs {verb} on cgroup {} (pins in {})",
-        cgroup_dir.display(),
+        cgroup.dir.display(),
         config.pin_path.display()
     );
-    if loaded.sizes != sizes(&config) {
+    if loaded.sizes != sizes(&config).rounded() {
         tracing::warn!(
             "map sizes stay as pinned ({:?}) until `qthrottle unload`",
             loaded.sizes
@@ -95,8 +108,10 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
     let resolver = MailResolver::new(&config.dns.nameservers, config.dns.timeout)
         .context("failed to set up the DNS resolver")?;
     let mut daemon = Daemon {
-        slots: Slots::adopt(&loaded.maps)?,
+        slots: Slots::adopt(&loaded.maps, loaded.sizes.destinations)?,
         maps: loaded.maps,
+        programs: loaded.programs,
+        cgroup,
         resolver: Arc::new(resolver),
         dest: Destinations {
             learned: state::read_learned(&config.state_dir),
@@ -113,6 +128,7 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
         logged: BTreeMap::new(),
         state_dirty: true,
         sizes: loaded.sizes,
+        trimmed: 0,
     };
     // The programs write refusal events without waking anyone (a wakeup per
     // refusal is costly in the connect path); they are read on this timer.
@@ -120,12 +136,8 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
     let mut drain = tokio::time::interval(Duration::from_millis(250));
     daemon.resolve_now(daemon.dest.wanted(&daemon.config)).await;
     daemon.apply().context("failed to fill the kernel maps")?;
-    let listener = socket::bind(&daemon.config.socket, daemon.config.socket_group.as_deref())?;
     let (calls_tx, mut calls) = mpsc::channel(1024);
     tokio::spawn(socket::serve(listener, calls_tx));
-    let mut hangup = signal(SignalKind::hangup()).context("failed to handle SIGHUP")?;
-    let mut term = signal(SignalKind::terminate()).context("failed to handle SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("failed to handle SIGINT")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut refusals = refusals::RefusalLog::default();
     tracing::info!(
@@ -149,6 +161,32 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cgroup the programs are attached to, and how to tell that it was
+/// removed (or removed and made again) behind the daemon's back.
+struct Cgroup {
+    dir: PathBuf,
+    inode: u64,
+}
+
+impl Cgroup {
+    fn new(setting: &str) -> anyhow::Result<Self> {
+        let dir = cgroup::resolve(setting)?;
+        cgroup::create(&dir)?;
+        let inode = inode(&dir).with_context(|| format!("failed to stat {}", dir.display()))?;
+        Ok(Self { dir, inode })
+    }
+
+    /// True when the directory is still the one the programs are attached to.
+    fn intact(&self) -> bool {
+        inode(&self.dir).ok() == Some(self.inode)
+    }
+}
+
+fn inode(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(dir).map(|m| m.ino())
+}
+
 fn sizes(config: &Config) -> Sizes {
     Sizes {
         groups: config.max_groups,
@@ -164,25 +202,23 @@ impl Daemon {
         let config = match config::load(&self.path, self.explicit) {
             Ok(config) => config,
             Err(err) => {
-                tracing::error!("reload rejected, previous configuration stays: {err}");
-                return Err(err.to_string());
+                let message = error_chain(&err);
+                tracing::error!("reload rejected, previous configuration stays: {message}");
+                return Err(message);
             }
         };
-        for (what, old, new) in [
-            ("cgroup", self.config.cgroup.clone(), config.cgroup.clone()),
-            (
-                "pin_path",
-                self.config.pin_path.display().to_string(),
-                config.pin_path.display().to_string(),
-            ),
-            (
-                "socket",
-                self.config.socket.display().to_string(),
-                config.socket.display().to_string(),
-            ),
-        ] {
-            if old != new {
-                tracing::warn!("reload: {what} changed ({old} -> {new}); takes effect on restart");
+        let config = self.keep_restart_settings(config);
+        if config.dns != self.config.dns {
+            match MailResolver::new(&config.dns.nameservers, config.dns.timeout) {
+                Ok(resolver) => self.resolver = Arc::new(resolver),
+                Err(err) => {
+                    let message = format!(
+                        "failed to set up the new DNS settings: {}",
+                        error_chain(&err)
+                    );
+                    tracing::error!("reload rejected, previous configuration stays: {message}");
+                    return Err(message);
+                }
             }
         }
         let previous = std::mem::replace(&mut self.config, config);
@@ -205,6 +241,31 @@ impl Daemon {
             self.config.groups.len()
         );
         Ok(())
+    }
+
+    /// Settings that only a restart can change keep their running values; a
+    /// warning says so when the file changed them.
+    fn keep_restart_settings(&self, mut new: Config) -> Config {
+        let old = &self.config;
+        let changed = [
+            ("cgroup", old.cgroup != new.cgroup),
+            ("pin_path", old.pin_path != new.pin_path),
+            ("socket", old.socket != new.socket),
+            ("socket_group", old.socket_group != new.socket_group),
+            ("state_dir", old.state_dir != new.state_dir),
+            ("max_* sizes", sizes(old) != sizes(&new)),
+        ];
+        for (what, _) in changed.iter().filter(|(_, c)| *c) {
+            tracing::warn!("reload: {what} changed; it takes effect when the daemon restarts");
+        }
+        new.cgroup.clone_from(&old.cgroup);
+        new.pin_path.clone_from(&old.pin_path);
+        new.socket.clone_from(&old.socket);
+        new.socket_group.clone_from(&old.socket_group);
+        new.state_dir.clone_from(&old.state_dir);
+        (new.max_groups, new.max_destinations) = (old.max_groups, old.max_destinations);
+        (new.max_addresses, new.max_connections) = (old.max_addresses, old.max_connections);
+        new
     }
 
     /// Resolves names and waits for the answers (start and reload).
@@ -302,7 +363,22 @@ impl Daemon {
 
     /// Recomputes the plan and writes it into the kernel.
     fn apply(&mut self) -> anyhow::Result<()> {
-        let inputs = self.dest.inputs(&self.config);
+        let mut inputs = self.dest.inputs(&self.config);
+        // Learned groups come after the configured ones; those that do not
+        // fit the group table stay under the per-address default.
+        let room = (self.sizes.groups as usize)
+            .saturating_sub(1)
+            .max(self.config.groups.len());
+        let trimmed = inputs.len().saturating_sub(room);
+        inputs.truncate(room);
+        if trimmed != self.trimmed {
+            if trimmed > 0 {
+                tracing::warn!(
+                    "group table full (max_groups): {trimmed} learned destinations stay under the default limit"
+                );
+            }
+            self.trimmed = trimmed;
+        }
         let plan = plan::plan(&inputs);
         let limits: BTreeMap<String, u32> =
             inputs.iter().map(|g| (g.name.clone(), g.limit)).collect();
@@ -400,8 +476,16 @@ impl Daemon {
             Some(r) => Name::Relay(r.clone()),
             None => Name::Mail(domain.clone()),
         };
-        let learned = Learned { relay };
-        if self.dest.learned.get(&domain) != Some(&learned) {
+        let learned = Learned {
+            relay,
+            last_used: state::now(),
+        };
+        let stale = self
+            .dest
+            .learned
+            .get(&domain)
+            .is_none_or(|l| l.relay != learned.relay || learned.last_used > l.last_used + 3600);
+        if stale {
             self.dest.learned.insert(domain.clone(), learned);
             self.state_dirty = true;
         }
@@ -455,6 +539,8 @@ impl Daemon {
     }
 
     fn tick(&mut self) {
+        self.watch_cgroup();
+        self.expire_learned();
         let now = Instant::now();
         let due: Vec<Name> = self
             .dest
@@ -480,6 +566,43 @@ impl Daemon {
         }
         if self.state_dirty {
             self.write_state();
+        }
+    }
+
+    /// Re-attaches the programs when the cgroup was removed (systemd removes
+    /// a service's cgroup when it stops) or removed and made again.
+    fn watch_cgroup(&mut self) {
+        if self.cgroup.intact() {
+            return;
+        }
+        tracing::warn!(
+            "cgroup {} was removed; making it again and re-attaching",
+            self.cgroup.dir.display()
+        );
+        let result = Cgroup::new(&self.config.cgroup).and_then(|cgroup| {
+            self.programs.reattach(&cgroup.dir, &self.config.pin_path)?;
+            self.cgroup = cgroup;
+            Ok(())
+        });
+        if let Err(err) = result {
+            tracing::error!(
+                "failed to re-attach to {}: {err:#}",
+                self.cgroup.dir.display()
+            );
+        }
+    }
+
+    /// Forgets learned domains no delivery has asked about for a while.
+    fn expire_learned(&mut self) {
+        let horizon = state::now().saturating_sub(LEARNED_LIFETIME.as_secs());
+        let before = self.dest.learned.len();
+        self.dest.learned.retain(|_, l| l.last_used >= horizon);
+        if self.dest.learned.len() != before {
+            let wanted = self.dest.wanted(&self.config);
+            self.dest.names.retain(|n, _| wanted.contains(n));
+            if let Err(err) = self.apply() {
+                tracing::error!("failed to drop expired learned domains: {err:#}");
+            }
         }
     }
 

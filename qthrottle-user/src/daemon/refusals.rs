@@ -13,7 +13,8 @@ use qthrottle_common::RefusalEvent;
 /// Per-group log throttle.
 #[derive(Default)]
 pub struct RefusalLog {
-    last: BTreeMap<u32, (Instant, u64)>,
+    /// Per group name: when its last line was written, and lines left out since.
+    last: BTreeMap<String, (Instant, u64)>,
 }
 
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -35,7 +36,11 @@ impl RefusalLog {
 
     fn note(&mut self, event: &RefusalEvent, name: &impl Fn(u32) -> String) {
         let now = Instant::now();
-        let (last, suppressed) = self.last.entry(event.slot).or_insert((now - INTERVAL, 0));
+        let group = name(event.slot);
+        let (last, suppressed) = self
+            .last
+            .entry(group.clone())
+            .or_insert((now - INTERVAL, 0));
         if now.duration_since(*last) < INTERVAL {
             *suppressed += 1;
             return;
@@ -47,7 +52,7 @@ impl RefusalLog {
         };
         tracing::warn!(
             "refused group={} destination={} open={}/{} pid={}{more}",
-            name(event.slot),
+            group,
             destination(event),
             event.open,
             event.limit,

@@ -5,10 +5,15 @@
 use std::{os::unix::fs::PermissionsExt as _, path::Path};
 
 use anyhow::Context as _;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
 };
 
 use crate::control::{Request, Response};
@@ -54,26 +59,59 @@ pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Longest request line accepted; a longer one closes the connection.
+const MAX_LINE: u64 = 64 * 1024;
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 256;
+
 /// Accepts connections for ever, handing each to its own task.
 pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warning: Option<Instant> = None;
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(connection(stream, calls.clone()));
-            }
+            Ok((stream, _)) => match Arc::clone(&slots).try_acquire_owned() {
+                Ok(permit) => {
+                    tokio::spawn(connection(stream, calls.clone(), permit));
+                }
+                Err(_) => warn_once_a_minute(
+                    &mut last_warning,
+                    "control socket: too many connections; closing new ones",
+                ),
+            },
             Err(err) => {
-                tracing::warn!("control socket accept failed: {err}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                warn_once_a_minute(
+                    &mut last_warning,
+                    &format!("control socket accept failed: {err}"),
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
+fn warn_once_a_minute(last: &mut Option<Instant>, message: &str) {
+    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+        tracing::warn!("{message}");
+        *last = Some(Instant::now());
+    }
+}
+
+async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>, _permit: OwnedSemaphorePermit) {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let response = match serde_json::from_str::<Request>(&line) {
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = Vec::new();
+        match (&mut reader)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => return,
+            Ok(_) if !line.ends_with(b"\n") && line.len() as u64 >= MAX_LINE => return,
+            Ok(_) => {}
+        }
+        let response = match serde_json::from_slice::<Request>(&line) {
             Ok(request) => ask(&calls, request).await,
             Err(err) => Response::Error {
                 message: format!("bad request: {err}"),

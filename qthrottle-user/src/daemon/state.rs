@@ -111,10 +111,26 @@ impl State {
     }
 }
 
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The learned domains of an earlier run (empty when there is no state).
 pub fn read_learned(dir: &Path) -> BTreeMap<String, Learned> {
     match State::read(dir) {
-        Ok(state) => state.map(|s| s.learned).unwrap_or_default(),
+        // Entries of an older file without a time count from now.
+        Ok(state) => state
+            .map(|s| s.learned)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(d, l)| {
+                let last_used = if l.last_used == 0 { now() } else { l.last_used };
+                (d, Learned { last_used, ..l })
+            })
+            .collect(),
         Err(err) => {
             tracing::warn!("ignoring the state file: {err:#}");
             BTreeMap::new()
