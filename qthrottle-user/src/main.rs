@@ -113,7 +113,16 @@ fn main() -> ExitCode {
     {
         return rspawn_main();
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            let text = err.to_string();
+            let text = text.strip_prefix("error: ").unwrap_or(&text);
+            eprint!("qthrottle: {text}");
+            return ExitCode::from(2);
+        }
+    };
     if matches!(cli.command, Command::Rspawn) {
         return rspawn_main();
     }
@@ -147,9 +156,28 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .without_time()
+        .event_format(LogLine)
         .init();
+}
+
+/// `LEVEL message key=value...`, nothing before the level.
+struct LogLine;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LogLine
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "{} ", event.metadata().level())?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
 }
 
 fn run(command: Command) -> anyhow::Result<()> {

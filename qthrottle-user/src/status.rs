@@ -81,9 +81,7 @@ pub fn collect(config: &Config) -> anyhow::Result<(Vec<Row>, Events)> {
             refused: c.refused,
             in_flight: deliveries.in_flight,
             held: deliveries.held,
-            domains: known
-                .map(|k| k.domains.keys().cloned().collect())
-                .unwrap_or_default(),
+            domains: known.map(domain_list).unwrap_or_default(),
             addresses: addresses.remove(&slot).unwrap_or_default(),
             conflicts: known.map(|k| k.conflicts.clone()).unwrap_or_default(),
             draining: g.state == SLOT_DRAINING,
@@ -102,6 +100,21 @@ pub fn collect(config: &Config) -> anyhow::Result<(Vec<Row>, Events)> {
         default.kernel_events = Some(events.clone());
     }
     Ok((rows, events))
+}
+
+/// A group's domains; one that resolved to no address is marked.
+fn domain_list(group: &crate::daemon::state::GroupState) -> Vec<String> {
+    group
+        .domains
+        .iter()
+        .map(|(d, addrs)| {
+            if addrs.is_empty() {
+                format!("{d} (unresolved)")
+            } else {
+                d.clone()
+            }
+        })
+        .collect()
 }
 
 /// Addresses in no group that have connections open, with their counts,

@@ -72,6 +72,8 @@ struct Daemon {
     cgroup: Cgroup,
     /// Learned groups left out because the group table is full.
     trimmed: usize,
+    /// The groups as last planned.
+    inputs: Vec<plan::GroupInput>,
 }
 
 async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
@@ -129,6 +131,7 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
         state_dirty: true,
         sizes: loaded.sizes,
         trimmed: 0,
+        inputs: Vec::new(),
     };
     // The programs write refusal events without waking anyone (a wakeup per
     // refusal is costly in the connect path); they are read on this timer.
@@ -141,7 +144,7 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut refusals = refusals::RefusalLog::default();
     tracing::info!(
-        "ready: {} groups, control socket {}",
+        "ready: groups={} control socket {}",
         daemon.limits.len(),
         daemon.config.socket.display()
     );
@@ -157,6 +160,7 @@ async fn serve(path: PathBuf, explicit: bool) -> anyhow::Result<()> {
         }
     }
     daemon.write_state();
+    let _ = std::fs::remove_file(&daemon.config.socket);
     tracing::info!("stop: exiting; limits stay enforced by the pinned programs");
     Ok(())
 }
@@ -236,7 +240,7 @@ impl Daemon {
             return Err(format!("{err:#}"));
         }
         tracing::info!(
-            "reload: {} applied, {} groups",
+            "reload: {} applied, groups={}",
             self.path.display(),
             self.config.groups.len()
         );
@@ -341,7 +345,7 @@ impl Daemon {
                     } else {
                         "no address"
                     };
-                    tracing::info!("dns: {} has no mail address ({why})", show(&name));
+                    tracing::warn!("dns: {} has no mail address ({why})", show(&name));
                 }
                 entry.hosts = Some(hosts);
             }
@@ -396,6 +400,7 @@ impl Daemon {
         self.plan = plan;
         self.limits = limits;
         self.log_groups(&inputs);
+        self.inputs = inputs;
         self.state_dirty = true;
         Ok(())
     }
@@ -607,7 +612,12 @@ impl Daemon {
     }
 
     fn write_state(&mut self) {
-        let snapshot = state::State::build(&self.dest, &self.plan, &self.limits, &self.deliveries);
+        let snapshot = state::State::build(
+            &self.inputs,
+            &self.plan,
+            &self.dest.learned,
+            &self.deliveries,
+        );
         match snapshot.write(&self.config.state_dir) {
             Ok(()) => self.state_dirty = false,
             Err(err) => tracing::warn!("failed to write state: {err:#}"),

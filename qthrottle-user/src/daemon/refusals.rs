@@ -32,6 +32,24 @@ impl RefusalLog {
             drop(item);
             self.note(&event, &name);
         }
+        self.flush();
+    }
+
+    /// Reports refusals left out of the log once their group has been quiet
+    /// for a second, so a burst's tail is not held back until the next one.
+    fn flush(&mut self) {
+        let now = Instant::now();
+        for (group, (last, suppressed)) in &mut self.last {
+            if *suppressed > 0 && now.duration_since(*last) >= INTERVAL {
+                tracing::warn!(
+                    "refused group={group}: {suppressed} more refusals since the last line"
+                );
+                *last = now;
+                *suppressed = 0;
+            }
+        }
+        self.last
+            .retain(|_, (last, _)| now.duration_since(*last) < Duration::from_secs(60));
     }
 
     fn note(&mut self, event: &RefusalEvent, name: &impl Fn(u32) -> String) {

@@ -13,8 +13,11 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::groups::{Destinations, Learned, Name};
-use crate::{control::GroupDeliveries, plan::Plan};
+use super::groups::Learned;
+use crate::{
+    control::GroupDeliveries,
+    plan::{GroupInput, Plan},
+};
 
 /// One group as the state file records it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -40,47 +43,37 @@ pub fn path(dir: &Path) -> PathBuf {
 }
 
 impl State {
+    /// The file's contents: each planned group with the domains it claims
+    /// (an empty address set means the domain has not resolved to any).
     pub fn build(
-        dest: &Destinations,
+        inputs: &[GroupInput],
         plan: &Plan,
-        limits: &BTreeMap<String, u32>,
+        learned: &BTreeMap<String, Learned>,
         deliveries: &BTreeMap<String, GroupDeliveries>,
     ) -> Self {
-        let mut groups: BTreeMap<String, GroupState> = limits
+        let groups = inputs
             .iter()
-            .map(|(name, limit)| {
-                (
-                    name.clone(),
-                    GroupState {
-                        limit: *limit,
-                        ..GroupState::default()
-                    },
-                )
+            .map(|g| {
+                let state = GroupState {
+                    limit: g.limit,
+                    domains: g
+                        .domains
+                        .iter()
+                        .map(|(d, (_, a))| (d.clone(), a.clone()))
+                        .collect(),
+                    conflicts: plan
+                        .groups
+                        .get(&g.name)
+                        .map(|p| p.conflicts.clone())
+                        .unwrap_or_default(),
+                };
+                (g.name.clone(), state)
             })
             .collect();
-        for (name, p) in &plan.groups {
-            if let Some(g) = groups.get_mut(name) {
-                g.conflicts = p.conflicts.clone();
-            }
-        }
-        for (name, domain) in dest.names.iter().filter_map(|(n, d)| match n {
-            Name::Mail(domain) => Some((domain, d)),
-            Name::Relay(_) => None,
-        }) {
-            let addrs = domain
-                .hosts
-                .as_ref()
-                .map(|h| h.addresses.clone())
-                .unwrap_or_default();
-            let group = addrs.iter().next().and_then(|a| super::group_of(plan, *a));
-            if let Some(g) = group.and_then(|g| groups.get_mut(&g)) {
-                g.domains.insert(name.clone(), addrs);
-            }
-        }
         Self {
             groups,
             deliveries: deliveries.clone(),
-            learned: dest.learned.clone(),
+            learned: learned.clone(),
         }
     }
 
