@@ -71,7 +71,7 @@ enum Command {
     /// Detach the programs and remove the pinned state.
     Unload(ConfigArg),
     /// Run as qmail's spawner (what `qmail-rspawn` runs).
-    Rspawn,
+    Rspawn(ConfigArg),
 }
 
 #[derive(Subcommand)]
@@ -106,12 +106,15 @@ enum LimitCommand {
 }
 
 fn main() -> ExitCode {
+    // Before anything opens a descriptor: qmail-start runs the spawner with
+    // descriptor 2 closed, and the first file opened would land there.
+    qthrottle::rspawn::ensure_std_fds();
     let invoked_as = std::env::args_os().next().unwrap_or_default();
     if Path::new(&invoked_as)
         .file_name()
         .is_some_and(|n| n == "qmail-rspawn")
     {
-        return rspawn_main();
+        return qthrottle::rspawn::main();
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -123,10 +126,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if matches!(cli.command, Command::Rspawn) {
-        return rspawn_main();
+    if matches!(cli.command, Command::Rspawn(_)) {
+        return qthrottle::rspawn::main();
     }
-    if !matches!(cli.command, Command::Daemon(_)) {
+    if !matches!(cli.command, Command::Daemon(_) | Command::Rspawn(_)) {
         // `qthrottle status | head` should end quietly, as other tools do.
         // SAFETY: setting a signal disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
@@ -139,11 +142,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn rspawn_main() -> ExitCode {
-    eprintln!("qthrottle: rspawn is not available yet");
-    ExitCode::FAILURE
 }
 
 /// One line per event on stderr, no timestamps (the supervisor's logger adds
@@ -207,7 +205,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Unload(c) => unload(&paths(&c)?),
-        Command::Rspawn => unreachable!("dispatched before logging starts"),
+        Command::Rspawn(_) => unreachable!("dispatched before logging starts"),
     }
 }
 

@@ -5,4 +5,5 @@ pub mod dns;
 pub mod env;
 pub mod listener;
 pub mod probe;
+pub mod rspawn;
 pub mod smtp;
