@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use qthrottle_tests::rspawn::{Answer, FakeDaemon, Options, QmailDir, Spawner, Wire};
+use qthrottle_tests::rspawn::{Answer, FakeDaemon, Options, QmailDir, Spawner, Wire, children};
 
 const DOMAIN: &str = "bench.example";
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -139,15 +139,6 @@ fn descendants(pid: u32) -> Result<(Vec<u32>, Vec<u32>)> {
         remotes.extend(children(*w)?);
     }
     Ok((workers, remotes))
-}
-
-fn children(pid: u32) -> Result<Vec<u32>> {
-    let path = format!("/proc/{pid}/task/{pid}/children");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("failed to read {path}"))?;
-    Ok(text
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect())
 }
 
 fn wait_children(pid: u32, n: usize) -> Result<()> {
