@@ -13,7 +13,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use qthrottle_tests::rspawn::{Answer, FakeDaemon, Options, QmailDir, Spawner, Wire, children};
 
 const DOMAIN: &str = "bench.example";
