@@ -90,7 +90,7 @@ fn connect(ctx: &SockAddrContext, destination: impl Fn(&bpf_sock_addr) -> Addres
 pub fn qthrottle_release(ctx: SockContext) -> i32 {
     // SAFETY: for cgroup_sock programs the helper takes the context itself.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
-    let (entry, displaced) = find_socket(cookie);
+    let (entry, displaced) = find_socket(cookie, socket_mask());
     if !entry.is_null() {
         // SAFETY: this socket's entry, which only its own release touches now.
         let counted = unsafe { &mut *entry };
@@ -140,7 +140,7 @@ fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
     };
     // SAFETY: the helper takes the sock_addr context as it is.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    let (existing, _) = find_socket(cookie);
+    let (existing, _) = find_socket(cookie, settings.socket_mask);
     if !existing.is_null() {
         // SAFETY: non-null storage of the socket being connected; the socket
         // lock is held during connect.
@@ -161,7 +161,7 @@ fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
         take_address_slot(target.slot, settings.default_limit)
     };
     match take {
-        Take::Taken => record(cookie, existing, target, addr),
+        Take::Taken => record(cookie, existing, settings.socket_mask, target, addr),
         Take::Refused { slot, open, limit } => {
             report_refusal(addr, port, slot, open, limit);
             REFUSE
@@ -172,7 +172,13 @@ fn account(ctx: &SockAddrContext, addr: &Address, port: u16) -> i32 {
 
 /// Notes which counter the socket holds a slot in.
 #[inline(always)]
-fn record(cookie: u64, existing: *mut SocketSlot, target: Target, addr: &Address) -> i32 {
+fn record(
+    cookie: u64,
+    existing: *mut SocketSlot,
+    mask: u32,
+    target: Target,
+    addr: &Address,
+) -> i32 {
     let mut value = SocketSlot {
         cookie,
         kind: target.kind,
@@ -180,7 +186,7 @@ fn record(cookie: u64, existing: *mut SocketSlot, target: Target, addr: &Address
         addr: *addr,
     };
     let entry = if existing.is_null() {
-        claim_socket(cookie).0
+        claim_socket(cookie, mask)
     } else {
         existing
     };
@@ -197,7 +203,8 @@ fn record(cookie: u64, existing: *mut SocketSlot, target: Target, addr: &Address
 /// Counted sockets live in an array used as an open-addressing table keyed
 /// by socket cookie. Array lookups are inlined by the verifier and need no
 /// lock or allocation; socket-local storage or a hash map cost three to four
-/// times as much per counted connect.
+/// times as much per counted connect. The connect path has the settings at
+/// hand; the release reads the table size here.
 #[inline(always)]
 fn socket_mask() -> u32 {
     QT_SETTINGS.get(0).map_or(0, |s| s.socket_mask)
@@ -223,8 +230,7 @@ fn second_run(cookie: u64) -> u32 {
 /// The entry of a socket that holds a slot (null if none), and whether it
 /// lies in its second run.
 #[inline(always)]
-fn find_socket(cookie: u64) -> (*mut SocketSlot, bool) {
-    let mask = socket_mask();
+fn find_socket(cookie: u64, mask: u32) -> (*mut SocketSlot, bool) {
     let found = probe_for(first_run(cookie), mask, cookie, cookie);
     if !found.is_null() || stat_value(STAT_DISPLACED) == 0 {
         return (found, false);
@@ -234,19 +240,18 @@ fn find_socket(cookie: u64) -> (*mut SocketSlot, bool) {
 }
 
 /// Takes a free entry for `cookie` with a compare-and-swap, or null when
-/// both runs are full; true when it is in the second run.
+/// both runs are full.
 #[inline(always)]
-fn claim_socket(cookie: u64) -> (*mut SocketSlot, bool) {
-    let mask = socket_mask();
+fn claim_socket(cookie: u64, mask: u32) -> *mut SocketSlot {
     let entry = probe_for(first_run(cookie), mask, 0, cookie);
     if !entry.is_null() {
-        return (entry, false);
+        return entry;
     }
     let entry = probe_for(second_run(cookie), mask, 0, cookie);
     if !entry.is_null() {
         stat(STAT_DISPLACED);
     }
-    (entry, !entry.is_null())
+    entry
 }
 
 /// Walks a run of [`SOCKET_PROBES`] entries from `start` for one whose

@@ -193,6 +193,17 @@ fn conflict(out: &mut Plan, winner: &Claim<'_>, loser: &Claim<'_>, net: IpNet) {
     }
 }
 
+impl Plan {
+    /// The group whose most specific entry holds `addr`.
+    pub fn group_of(&self, addr: IpAddr) -> Option<&str> {
+        self.entries
+            .iter()
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, name)| name.as_str())
+    }
+}
+
 /// A network written as an address when it is a single one.
 pub fn host(net: IpNet) -> String {
     if net.prefix_len() == net.max_prefix_len() {

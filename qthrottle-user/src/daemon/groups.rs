@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{Config, GroupConfig},
     dns::MailHosts,
-    plan::{GroupInput, Plan, Source},
+    plan::{GroupInput, Source},
 };
 
 /// A domain's last good answer and when to ask again.
@@ -119,7 +119,7 @@ impl Destinations {
         own.retain(|_, g| {
             g.domains
                 .values()
-                .any(|(_, addrs)| addrs.iter().any(|a| !covered(&configured, *a)))
+                .any(|(_, addrs)| addrs.iter().any(|a| configured.group_of(*a).is_none()))
         });
         groups.extend(own.into_values());
         groups
@@ -164,11 +164,6 @@ fn provider_of(config: &Config, hosts: &MailHosts) -> Option<usize> {
                     .any(|s| format!(".{h}").ends_with(s.as_str()))
             })
     })
-}
-
-/// True when a configured entry of the plan holds `addr`.
-pub fn covered(plan: &Plan, addr: IpAddr) -> bool {
-    plan.entries.keys().any(|net| net.contains(&addr))
 }
 
 /// The group of its own for a learned destination: named after its first MX

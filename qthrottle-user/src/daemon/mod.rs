@@ -9,7 +9,6 @@ pub mod state;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -33,8 +32,6 @@ use crate::{
     slots::{DEFAULT_NAME, Globals, Slots},
 };
 use groups::{Destinations, Domain, Learned, Name};
-
-pub use groups::covered;
 
 /// How long a learned domain is kept without a delivery asking about it.
 const LEARNED_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -520,7 +517,7 @@ impl Daemon {
         self.dest
             .addresses(name)
             .iter()
-            .all(|a| covered(&self.plan, *a))
+            .all(|a| self.plan.group_of(*a).is_some())
     }
 
     fn answer(&self, domain: &str, name: &Name) -> Response {
@@ -530,7 +527,11 @@ impl Daemon {
                 message: format!("no mail exchanger address for {domain}"),
             };
         };
-        let group = group_of(&self.plan, *first).unwrap_or_else(|| DEFAULT_NAME.to_string());
+        let group = self
+            .plan
+            .group_of(*first)
+            .unwrap_or(DEFAULT_NAME)
+            .to_string();
         let limit = self
             .limits
             .get(&group)
@@ -623,15 +624,6 @@ impl Daemon {
             Err(err) => tracing::warn!("failed to write state: {err:#}"),
         }
     }
-}
-
-/// The group whose most specific entry holds `addr`.
-pub fn group_of(plan: &Plan, addr: IpAddr) -> Option<String> {
-    plan.entries
-        .iter()
-        .filter(|(net, _)| net.contains(&addr))
-        .max_by_key(|(net, _)| net.prefix_len())
-        .map(|(_, name)| name.clone())
 }
 
 async fn resolve(resolver: &MailResolver, name: &Name) -> Result<MailHosts, DnsError> {
