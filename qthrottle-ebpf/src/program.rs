@@ -231,11 +231,11 @@ fn second_run(cookie: u64) -> u32 {
 /// lies in its second run.
 #[inline(always)]
 fn find_socket(cookie: u64, mask: u32) -> (*mut SocketSlot, bool) {
-    let found = probe_for(first_run(cookie), mask, cookie, cookie);
+    let found = probe_for(first_run(cookie), 1, mask, cookie, cookie);
     if !found.is_null() || stat_value(STAT_DISPLACED) == 0 {
         return (found, false);
     }
-    let found = probe_for(second_run(cookie), mask, cookie, cookie);
+    let found = probe_for(second_run(cookie), SPREAD, mask, cookie, cookie);
     (found, !found.is_null())
 }
 
@@ -243,23 +243,29 @@ fn find_socket(cookie: u64, mask: u32) -> (*mut SocketSlot, bool) {
 /// both runs are full.
 #[inline(always)]
 fn claim_socket(cookie: u64, mask: u32) -> *mut SocketSlot {
-    let entry = probe_for(first_run(cookie), mask, 0, cookie);
+    let entry = probe_for(first_run(cookie), 1, mask, 0, cookie);
     if !entry.is_null() {
         return entry;
     }
-    let entry = probe_for(second_run(cookie), mask, 0, cookie);
+    let entry = probe_for(second_run(cookie), SPREAD, mask, 0, cookie);
     if !entry.is_null() {
         stat(STAT_DISPLACED);
     }
     entry
 }
 
-/// Walks a run of [`SOCKET_PROBES`] entries from `start` for one whose
+/// Step between the probes of a second run: odd, so with a power-of-two table
+/// the probes land far apart; a second run never meets the block of
+/// long-lived sockets that filled the first.
+const SPREAD: u32 = 0x9e37_79b1;
+
+/// Walks [`SOCKET_PROBES`] entries from `start`, `step` apart, for one whose
 /// cookie is `want`; with `want` 0 it claims the first free one for `cookie`.
 #[inline(always)]
-fn probe_for(start: u32, mask: u32, want: u64, cookie: u64) -> *mut SocketSlot {
+fn probe_for(start: u32, step: u32, mask: u32, want: u64, cookie: u64) -> *mut SocketSlot {
     for probe in 0..SOCKET_PROBES {
-        let Some(e) = QT_SOCKETS.get_ptr_mut(start.wrapping_add(probe) & mask) else {
+        let index = start.wrapping_add(probe.wrapping_mul(step)) & mask;
+        let Some(e) = QT_SOCKETS.get_ptr_mut(index) else {
             break;
         };
         // SAFETY: array values are stable; cookies are written atomically,
